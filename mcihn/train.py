@@ -46,6 +46,8 @@ class TrainConfig:
     lr: float = 1e-3
     # Halve every learning rate after this many epochs without a validation improvement (0 = never).
     lr_decay_patience: int = 2
+    # A validation improvement smaller than this does not count (stops long tails of tiny gains).
+    min_delta: float = 1e-3
     device: str = "cpu"
     progress: bool = True
 
@@ -244,7 +246,7 @@ class Trainer:
             score, metrics = self.validation_score()
             if not math.isfinite(losses.get("task", 0.0)):
                 raise FloatingPointError(f"training diverged at epoch {self.epoch} (task loss {losses['task']})")
-            if score < self.best_score:
+            if score < self.best_score - self.tc.min_delta:
                 self.best_score, self.best_epoch = score, self.epoch
                 self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             elif self.tc.lr_decay_patience and (self.epoch - self.best_epoch) % self.tc.lr_decay_patience == 0:

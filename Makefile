@@ -1,0 +1,28 @@
+# Two commands for a fresh clone: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/data/cmu-mosi/mosi_utterance_features.npz
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch pinned in the same command (ENVIRONMENT.md): unpinned, pip pulls several GB of CUDA wheels.
+	$(BIN)/pip install -q -e '.[dev]' 'torch==2.13.0'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mcihn demo --data $(DATA)
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

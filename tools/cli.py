@@ -1,0 +1,207 @@
+"""`mcihn`: offline commands (train, eval, baseline, demo). Expected faults print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+EXAMPLES = """examples:
+  mcihn train --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --out runs/mosi --seeds 5
+  mcihn eval --checkpoint runs/mosi --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --json
+  mcihn baseline --data ../shared/data/cmu-mosi/mosi_utterance_features.npz
+  mcihn train --data MOSI/Processed/unaligned_50.pkl --allow-pickle --out runs/mmsa   # runs pickle code!
+  mcihn demo
+"""
+
+# Settings for features with one vector per utterance (sequence length 1): a smaller latent code, since
+# there is no temporal structure to spread over 32 positions; see docs/model.md and docs/results.md.
+UTTERANCE_PRESET = {"latent_len": 8, "latent_dim": 128, "num_heads": 4}
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset: a .npz (CMU-MOSI utterance), an MMSA .pkl, or a feature store")
+    p.add_argument("--format", default="auto", help="auto | mosi-npz | mmsa-pickle | store")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading MMSA pickles (unpickling runs code from the file: only for files you trust)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcihn", description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train MCIHN (one or more seeds)", epilog=EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_data_args(train)
+    train.add_argument("--out", default="runs/mcihn", help="run folder (resumed if it exists)")
+    train.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1); reports mean and std")
+    train.add_argument("--ablation", default="full", help="full | -VT | -VA | -TA | MCIHN-1 | MCIHN-2")
+    train.add_argument("--epochs", type=int, default=40)
+    train.add_argument("--patience", type=int, default=6)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--preset", default="auto", help="auto | paper | utterance (auto: utterance when all T=1)")
+    train.add_argument("--fresh", action="store_true", help="ignore an existing run folder's state")
+    train.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint or a run folder")
+    _add_data_args(ev)
+    ev.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder of several seeds")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--json", action="store_true")
+
+    base = sub.add_parser("baseline", help="ridge early-fusion baseline on the same features and split")
+    _add_data_args(base)
+    base.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser("demo", help="train MCIHN (5 seeds) and the ridge baseline on CMU-MOSI, print both")
+    demo.add_argument("--data", default="../shared/data/cmu-mosi/mosi_utterance_features.npz")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--seeds", type=int, default=5)
+    return parser
+
+
+def _load(args):
+    from mcihn.data import load_dataset
+
+    return load_dataset(args.data, args.format, allow_pickle=args.allow_pickle)
+
+
+def _model_config(data, ablation: str, preset: str):
+    from mcihn.config import MCIHNConfig
+    from mcihn.spec import MODALITIES
+    from mcihn.train import config_for_data
+
+    if preset == "auto":
+        preset = "utterance" if all(data.spec[m].seq_len == 1 for m in MODALITIES) else "paper"
+    if preset not in ("paper", "utterance"):
+        raise ValueError(f"unknown --preset {preset!r}; use auto, paper or utterance")
+    overrides = UTTERANCE_PRESET if preset == "utterance" else {}
+    return config_for_data(data, MCIHNConfig.for_ablation(ablation), **overrides)
+
+
+def train_seeds(data, out: Path, seeds: int, ablation: str = "full", preset: str = "auto", epochs: int = 40,
+                patience: int = 6, batch_size: int = 32, lr: float = 1e-3, fresh: bool = False) -> dict:
+    """Train `seeds` models; each seed's best checkpoint goes to out/seed_K. Returns the summary."""
+    from mcihn.metrics import aggregate
+    from mcihn.train import Trainer, TrainConfig, evaluate
+
+    cfg = _model_config(data, ablation, preset)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    runs = []
+    for seed in range(seeds):
+        seed_dir = out / f"seed_{seed}"
+        start = time.perf_counter()
+        trainer = Trainer(data, cfg, TrainConfig(seed=seed, epochs=epochs, patience=patience, batch_size=batch_size,
+                                                 lr=lr), seed_dir / "state")
+        model = trainer.fit(resume=True)
+        metrics = {s: evaluate(model, data, s) for s in ("valid", "test")}
+        trainer.save(seed_dir, metrics)
+        runs.append({"seed": seed, "best_epoch": trainer.best_epoch, "seconds": time.perf_counter() - start, **metrics})
+        print(f"seed {seed}: best epoch {trainer.best_epoch}, test MAE {metrics['test']['MAE']:.3f}, "
+              f"{runs[-1]['seconds']:.0f} s", file=sys.stderr)
+    summary = {"ablation": ablation, "dataset": data.name, "model": cfg.to_dict(), "runs": runs,
+               "test": {k: list(v) for k, v in aggregate([r["test"] for r in runs]).items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _keys(data):
+    from mcihn.metrics import METRIC_KEYS
+
+    return METRIC_KEYS["classification" if data.task == "classification" else data.metric_family]
+
+
+def cmd_train(args) -> int:
+    from mcihn.metrics import format_table
+
+    data = _load(args)
+    summary = train_seeds(data, Path(args.out), args.seeds, args.ablation, args.preset, args.epochs, args.patience,
+                          args.batch_size, args.lr, args.fresh)
+    if args.json:
+        print(json.dumps(summary["test"], indent=2))
+    else:
+        row = {k: tuple(v) for k, v in summary["test"].items()}
+        print(format_table({f"MCIHN {args.ablation} ({args.seeds} seeds, test)": row}, _keys(data)))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mcihn.checkpoint import load_checkpoint
+    from mcihn.metrics import aggregate, format_table
+    from mcihn.train import evaluate
+
+    data = _load(args)
+    root = Path(args.checkpoint)
+    folders = sorted(p for p in root.glob("seed_*") if (p / "config.json").exists()) or [root]
+    results = []
+    for folder in folders:
+        ckpt = load_checkpoint(folder)
+        ckpt.check_features(data.spec, what=f"dataset {args.data}", structural_only=True)
+        results.append(evaluate(ckpt.model, data, args.split))
+    agg = aggregate(results)
+    if args.json:
+        print(json.dumps({"split": args.split, "checkpoints": [str(f) for f in folders],
+                          "runs": results, "mean_std": {k: list(v) for k, v in agg.items()}}, indent=2))
+    else:
+        print(format_table({f"{root.name} ({len(results)} ckpt, {args.split})": agg}, _keys(data)))
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from mcihn.baseline import run_baseline
+    from mcihn.metrics import format_table
+
+    data = _load(args)
+    metrics = run_baseline(data)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(format_table({f"ridge ({s})": m for s, m in metrics.items()}, _keys(data)))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from mcihn.baseline import run_baseline
+    from mcihn.data import load_dataset
+    from mcihn.metrics import format_table
+
+    data = load_dataset(args.data)
+    start = time.perf_counter()
+    summary = train_seeds(data, Path(args.out), args.seeds)
+    elapsed = time.perf_counter() - start
+    baseline = run_baseline(data)["test"]
+    rows = {f"MCIHN ({args.seeds} seeds)": {k: tuple(v) for k, v in summary["test"].items()}, "ridge baseline": baseline}
+    print(f"CMU-MOSI test split ({len(data['test'])} utterances); MCIHN trained in {elapsed:.0f} s; "
+          f"checkpoints in {args.out}/seed_*")
+    print(format_table(rows, _keys(data)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mcihn.checkpoint import CheckpointError
+    from mcihn.data import DataError
+    from mcihn.spec import SpecMismatchError
+
+    args = build_parser().parse_args(argv)
+    handlers = {"train": cmd_train, "eval": cmd_eval, "baseline": cmd_baseline, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except (DataError, CheckpointError, SpecMismatchError, ValueError, FileNotFoundError) as err:
+        print(f"mcihn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mcihn {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    sys.exit(main())
