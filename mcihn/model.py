@@ -112,7 +112,9 @@ class LatentDiscriminator(nn.Module):
     def __init__(self, config: MCIHNConfig):
         super().__init__()
         d = config.latent_dim
-        self.net = nn.Sequential(nn.Linear(d, d), nn.LeakyReLU(0.2), nn.Linear(d, d), nn.LeakyReLU(0.2), nn.Linear(d, 1))
+        self.net = nn.Sequential(
+            nn.Linear(d, d), nn.LeakyReLU(0.2), nn.Linear(d, d), nn.LeakyReLU(0.2), nn.Linear(d, 1)
+        )
 
     def forward(self, code: Tensor) -> Tensor:
         return self.net(code).squeeze(-1)
@@ -226,7 +228,9 @@ class MCIHN(nn.Module):
         self.paths = nn.ModuleDict({m: ModalityAAE(m, config) for m in self.modalities})
         self.gate = CrossModalGate(config) if config.use_cgmm else None
         # One multi-head attention per core modality: F^{m-others} (eqs. 15-16).
-        self.fusion = nn.ModuleDict({m: MultiHeadAttention(d, config.num_heads, config.dropout) for m in self.modalities})
+        self.fusion = nn.ModuleDict(
+            {m: MultiHeadAttention(d, config.num_heads, config.dropout) for m in self.modalities}
+        )
         self.head_dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(d, config.num_outputs)  # eq. 17's Linear
 

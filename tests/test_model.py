@@ -59,7 +59,8 @@ def test_every_module_receives_gradient():
     feats, lengths = inputs()
     out = model.forward_train(feats, lengths)
     # Targets far from every prediction, so the L1 gradient cannot cancel out across the batch.
-    loss = task_loss(out.prediction, torch.full((4,), 100.0), "regression") + adaptive(out.codes, out.pair_features, out.present)
+    loss = task_loss(out.prediction, torch.full((4,), 100.0), "regression")
+    loss = loss + adaptive(out.codes, out.pair_features, out.present)
     # The decoders and discriminators are trained by the AAE phases: include their losses too.
     for m in MODALITIES:
         path = model.paths[m]

@@ -21,11 +21,12 @@ EXAMPLES = """examples:
 
 # Settings for features with one vector per utterance (sequence length 1): a smaller latent code, since
 # there is no temporal structure to spread over 32 positions; see docs/model.md and docs/results.md.
-UTTERANCE_PRESET = {"latent_len": 8, "latent_dim": 128, "num_heads": 4}
+UTTERANCE_PRESET = {"latent_len": 4, "latent_dim": 128, "num_heads": 4}
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="dataset: a .npz (CMU-MOSI utterance), an MMSA .pkl, or a feature store")
+    p.add_argument("--data", required=True,
+                   help="dataset: a .npz (CMU-MOSI utterance), an MMSA .pkl, or a feature store")
     p.add_argument("--format", default="auto", help="auto | mosi-npz | mmsa-pickle | store")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading MMSA pickles (unpickling runs code from the file: only for files you trust)")
@@ -42,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="runs/mcihn", help="run folder (resumed if it exists)")
     train.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1); reports mean and std")
     train.add_argument("--ablation", default="full", help="full | -VT | -VA | -TA | MCIHN-1 | MCIHN-2")
-    train.add_argument("--epochs", type=int, default=40)
-    train.add_argument("--patience", type=int, default=6)
+    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--patience", type=int, default=5)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--preset", default="auto", help="auto | paper | utterance (auto: utterance when all T=1)")
@@ -86,11 +87,11 @@ def _model_config(data, ablation: str, preset: str):
     return config_for_data(data, MCIHNConfig.for_ablation(ablation), **overrides)
 
 
-def train_seeds(data, out: Path, seeds: int, ablation: str = "full", preset: str = "auto", epochs: int = 40,
-                patience: int = 6, batch_size: int = 32, lr: float = 1e-3, fresh: bool = False) -> dict:
+def train_seeds(data, out: Path, seeds: int, ablation: str = "full", preset: str = "auto", epochs: int = 30,
+                patience: int = 5, batch_size: int = 32, lr: float = 1e-3, fresh: bool = False) -> dict:
     """Train `seeds` models; each seed's best checkpoint goes to out/seed_K. Returns the summary."""
     from mcihn.metrics import aggregate
-    from mcihn.train import Trainer, TrainConfig, evaluate
+    from mcihn.train import TrainConfig, Trainer, evaluate
 
     cfg = _model_config(data, ablation, preset)
     if fresh and out.exists():
@@ -178,7 +179,8 @@ def cmd_demo(args) -> int:
     summary = train_seeds(data, Path(args.out), args.seeds)
     elapsed = time.perf_counter() - start
     baseline = run_baseline(data)["test"]
-    rows = {f"MCIHN ({args.seeds} seeds)": {k: tuple(v) for k, v in summary["test"].items()}, "ridge baseline": baseline}
+    mcihn_row = {k: tuple(v) for k, v in summary["test"].items()}
+    rows = {f"MCIHN ({args.seeds} seeds)": mcihn_row, "ridge baseline": baseline}
     print(f"CMU-MOSI test split ({len(data['test'])} utterances); MCIHN trained in {elapsed:.0f} s; "
           f"checkpoints in {args.out}/seed_*")
     print(format_table(rows, _keys(data)))
