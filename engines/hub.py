@@ -1,0 +1,86 @@
+"""Loading pretrained models offline: a local folder or the local Hugging Face cache, never a surprise download.
+
+Every extractor loads its model through `load_pretrained`, so tiny test models saved with `save_pretrained`
+and real weights in the cache take exactly the same code path. When the model is in neither place and the
+hub cannot be reached, one `ModelNotAvailableError` line says which model is missing and how to fetch it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model is neither a local folder nor in the local cache, and cannot be downloaded here."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model was found: `path` to load from, and the `revision` to record in feature specs
+    (the cache snapshot's commit hash, or "local:<config hash>" for a plain folder)."""
+
+    model_id: str
+    path: str
+    revision: str
+
+
+def resolve_model(model_id: str, revision: str | None = None) -> ModelSource:
+    """A local folder as is; otherwise the snapshot of `model_id` in the local Hugging Face cache.
+
+    Offline-first: the cache is consulted with `local_files_only`, and a download is tried only when the user
+    has not set HF_HUB_OFFLINE=1. Raises ModelNotAvailableError with the fix when neither works.
+    """
+    folder = Path(model_id).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelNotAvailableError(
+                f"{folder} is a folder but has no config.json; point at a folder written by save_pretrained"
+            )
+        return ModelSource(model_id, str(folder), revision or _folder_revision(folder))
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:  # a path, not an "org/name" hub id
+        raise ModelNotAvailableError(f"model folder {model_id} does not exist; check the path")
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(model_id, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any cache miss means: try the hub, or explain
+        path = None
+    if path is None and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+        try:
+            path = snapshot_download(model_id, revision=revision)
+        except Exception:  # noqa: BLE001 - no network, no such repo, no permission: one message for all
+            path = None
+    if path is None:
+        raise ModelNotAvailableError(
+            f"model {model_id!r} is not in the local Hugging Face cache and the hub cannot be reached; fetch it "
+            f"on a connected machine with `hf download {model_id}` (then copy ~/.cache/huggingface), or pass a "
+            f"local folder written by save_pretrained"
+        )
+    return ModelSource(model_id, path, Path(path).name)
+
+
+def _folder_revision(folder: Path) -> str:
+    """A stable id for a plain folder: a short hash of its config.json (weights are too big to hash here)."""
+    import hashlib
+
+    digest = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:12]
+    return f"local:{digest}"
+
+
+def load_pretrained(cls: Any, source: ModelSource, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(source.path, local_files_only=True, **kwargs)`, with one clear error on failure."""
+    try:
+        return cls.from_pretrained(source.path, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelNotAvailableError(
+            f"cannot load {cls.__name__} for {source.model_id!r} from {source.path}: {first}"
+        ) from None
+
+
+def read_config(source: ModelSource) -> dict:
+    return json.loads((Path(source.path) / "config.json").read_text())
