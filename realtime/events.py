@@ -52,7 +52,8 @@ class EmotionEvent:
     stamped with). scores: regression -> {"valence": v}; classification -> {label: probability}. untrained:
     True when the models are random stand-ins (the demo): the scores mean nothing. latency_ms: per stage,
     "capture_to_emit" from the capture of the newest input used to the emit, plus "vision", "audio", "text",
-    "fusion" (this tick's work) and "asr" (the last ASR pass), each in milliseconds.
+    "fusion" (this tick's work) and "asr" (the last ASR pass), each in milliseconds. skipped_ticks, dropped_frames:
+    totals since the session start (not per event); a consumer that wants a rate takes differences.
     """
 
     seq: int
