@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools import bench_models, extract_text
+from tools import bench_models, build, extract_text
 
 EXAMPLES = """examples:
   mcihn train --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --out runs/mosi --seeds 5
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     extract_text.add_parser(sub)
     bench_models.add_parser(sub)
+    build.add_parser(sub)
 
     demo = sub.add_parser("demo", help="train MCIHN (5 seeds) and the ridge baseline on CMU-MOSI, print both")
     demo.add_argument("--data", default="../shared/data/cmu-mosi/mosi_utterance_features.npz")
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "baseline": cmd_baseline, "demo": cmd_demo,
-                "extract-text": extract_text.run, "bench-models": bench_models.run}
+                "extract-text": extract_text.run, "bench-models": bench_models.run,
+                "build": build.run}
     try:
         return handlers[args.command](args)
     except (DataError, CheckpointError, SpecMismatchError, ModelNotAvailableError, ValueError,
