@@ -1,0 +1,509 @@
+"""Streaming speech recognition: faster-whisper re-run over a growing audio buffer, committed by LocalAgreement.
+
+Whisper transcribes whole windows, not streams. Following whisper_streaming (Machacek et al. 2023, LocalAgreement-2):
+- `StreamingTranscriber` keeps the audio not yet settled (at most `max_buffer_s`) and re-transcribes all of it
+  on every pass, with word timestamps, faster-whisper's bundled Silero VAD and the committed text before the
+  buffer as the prompt.
+- `LocalAgreement` commits a word once two consecutive passes agree on it (the longest common prefix of the last
+  two hypotheses); what follows is the uncommitted tail, shown in the overlay but never fused.
+- After a commit, the buffer is trimmed at the end of the last committed sentence (words ending in . ? ! 。？！);
+  without one it is cut when it outgrows `max_buffer_s`. A pass therefore costs at most one `max_buffer_s`
+  window, and latency does not grow over a long session.
+- `AsrWorker` runs passes on its own thread whenever `min_chunk_s` of new audio has arrived, and publishes the
+  last committed words (`text_window`) for the text extractor.
+
+Times are absolute seconds on the timeline of the audio given to `insert_audio` (live: `time.monotonic()`, so a
+commit's lag is the commit time minus the word's end time).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+import unicodedata
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.hub import ModelNotAvailableError
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000  # Whisper's input rate
+WINDOW_S = 30.0  # Whisper's window: a longer buffer would take several windows per pass
+SENTENCE_END = (".", "?", "!", "。", "？", "！")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class AsrOptions:
+    """Streaming ASR settings (defaults run on a CPU with a cached faster-whisper 'base')."""
+
+    model: str = "base"  # a faster-whisper size name (tiny, base, small, ..., large-v3), a hub id or a local folder
+    language: str | None = "en"  # a Whisper language code ("en", "zh", ...); None detects it on every pass
+    device: str = "auto"  # "auto" (CUDA when CTranslate2 sees a GPU), "cpu" or "cuda"
+    compute_type: str = "auto"  # "auto": float16 on CUDA, int8 on CPU; or any CTranslate2 compute type
+    beam_size: int = 1  # greedy: beam search costs latency, and LocalAgreement already filters unstable words
+    min_chunk_s: float = 0.5  # new audio needed before another pass
+    max_buffer_s: float = 15.0  # the buffer is cut when it outgrows this (at most Whisper's 30 s window)
+    vad: bool = True  # faster-whisper's bundled Silero VAD (vad_filter=True): silence is skipped, not hallucinated
+    threads: int = 0  # CTranslate2 CPU threads; 0 = its default (4, or OMP_NUM_THREADS)
+    window_words: int = 60  # committed words in `AsrWorker.text_window` (the BERT extractor keeps <= 36 tokens)
+    prompt_chars: int = 200  # committed text before the buffer given as Whisper's prompt (as whisper_streaming)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"ASR device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.min_chunk_s <= 0:
+            raise ValueError(f"min_chunk_s must be positive, got {self.min_chunk_s}")
+        if not self.min_chunk_s < self.max_buffer_s <= WINDOW_S:
+            raise ValueError(f"max_buffer_s must be above min_chunk_s and at most {WINDOW_S:g} s (one Whisper "
+                             f"window), got {self.max_buffer_s}")
+        if self.beam_size < 1 or self.window_words < 1 or self.threads < 0:
+            raise ValueError("beam_size and window_words must be >= 1 and threads >= 0")
+
+
+@dataclass(frozen=True)
+class Word:
+    """A transcribed word: absolute start and end seconds, and its text as Whisper wrote it (English words carry
+    their leading space, Chinese characters none, so texts join with "")."""
+
+    start: float
+    end: float
+    text: str
+
+
+def normalize(text: str) -> str:
+    """The comparison key of a word: case-folded, without punctuation or spaces ("Hello," == "hello")."""
+    return "".join(c for c in text.casefold() if not (c.isspace() or unicodedata.category(c).startswith("P")))
+
+
+def join_words(words: Iterable[Word]) -> str:
+    return "".join(w.text for w in words).strip()
+
+
+def ends_sentence(word: Word) -> bool:
+    return word.text.rstrip().endswith(SENTENCE_END)
+
+
+class LocalAgreement:
+    """LocalAgreement-2: commit the longest common prefix of the last two hypotheses, beyond what is committed.
+
+    The spirit of whisper_streaming's HypothesisBuffer. Each pass re-transcribes audio whose start may hold words
+    already committed; those are recognised by time (they end before the last committed word) and, to absorb
+    timestamp jitter, by matching the last 1..5 committed words against the hypothesis' first words. Word times
+    are absolute, so trimming the audio only tells `trim` which committed words left the buffer.
+    """
+
+    MAX_NGRAM = 5  # longest run of re-transcribed committed words removed by text (as whisper_streaming)
+
+    def __init__(self, keep_words: int = 1000):
+        self.committed: deque[Word] = deque(maxlen=keep_words)  # bounded: a long session must not grow memory
+        self._in_buffer: list[Word] = []  # committed words whose audio is still in the buffer
+        self._previous: list[Word] = []  # the uncommitted part of the last hypothesis
+        self.last_committed_end = -math.inf
+
+    @property
+    def tail(self) -> list[Word]:
+        """The uncommitted words of the latest hypothesis (shown, not fused)."""
+        return list(self._previous)
+
+    def insert(self, hypothesis: Sequence[Word], offset: float = 0.0) -> list[Word]:
+        """Feed a pass's words (times relative to `offset`); returns the words it commits."""
+        new = self._unseen([Word(w.start + offset, w.end + offset, w.text) for w in hypothesis])
+        n = 0
+        while n < min(len(new), len(self._previous)) and normalize(new[n].text) == normalize(self._previous[n].text):
+            n += 1
+        commit, self._previous = new[:n], new[n:]
+        self._commit(commit)
+        return commit
+
+    def finish(self) -> list[Word]:
+        """End of stream: commit the tail as it stands (nothing will confirm or correct it)."""
+        commit, self._previous = self._previous, []
+        self._commit(commit)
+        return commit
+
+    def trim(self, t: float) -> None:
+        """The audio before absolute time `t` has left the buffer: forget the words that ended by then."""
+        self._in_buffer = [w for w in self._in_buffer if w.end > t]
+        self._previous = [w for w in self._previous if w.end > t]
+
+    def _unseen(self, words: list[Word]) -> list[Word]:
+        """The words of a hypothesis that are not re-transcriptions of committed ones."""
+        words = [w for w in words if w.start > self.last_committed_end - 0.1]
+        if words and self._in_buffer and abs(words[0].start - self.last_committed_end) < 1.0:
+            for n in range(1, min(len(words), len(self._in_buffer), self.MAX_NGRAM) + 1):
+                done = [normalize(w.text) for w in self._in_buffer[-n:]]
+                if done == [normalize(w.text) for w in words[:n]]:
+                    return words[n:]
+        return words
+
+    def _commit(self, words: list[Word]) -> None:
+        if words:
+            self.committed.extend(words)
+            self._in_buffer.extend(words)
+            self.last_committed_end = words[-1].end
+
+
+@dataclass(frozen=True)
+class AsrUpdate:
+    """The result of one pass (or of `finish`)."""
+
+    new_words: tuple[Word, ...]  # committed by this pass
+    tail: tuple[Word, ...]  # the uncommitted hypothesis after it
+    pass_ms: float  # wall time of the Whisper pass (0 for `finish`)
+    audio_s: float  # seconds of audio transcribed
+    buffer_s: float  # seconds left in the buffer after trimming
+    t_commit: float  # clock time when the pass ended (the commit time of `new_words`)
+    language: str | None = None  # the language Whisper used (detected when AsrOptions.language is None)
+
+    @property
+    def committed_text_new(self) -> str:
+        return join_words(self.new_words)
+
+    @property
+    def tail_text(self) -> str:
+        return join_words(self.tail)
+
+    @property
+    def lags_s(self) -> list[float]:
+        """Per new word: commit time minus the word's end time (meaningful when the audio timeline is the clock)."""
+        return [self.t_commit - w.end for w in self.new_words]
+
+
+def resolve_device(options: AsrOptions) -> tuple[str, str]:
+    """(device, compute_type) with "auto" resolved: CUDA + float16 when CTranslate2 sees a GPU, else CPU + int8."""
+    import ctranslate2
+
+    device = options.device
+    if device == "auto":
+        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    compute_type = options.compute_type
+    if compute_type == "auto":
+        compute_type = "float16" if device == "cuda" else "int8"
+    return device, compute_type
+
+
+def resolve_whisper_model(model: str | os.PathLike) -> str:
+    """A local CTranslate2 Whisper folder as is; a faster-whisper size name or hub id from the local cache.
+
+    Offline-first like engines/hub.py: the cache is consulted with local_files_only, and a download is tried only
+    when HF_HUB_OFFLINE is not set. Raises ModelNotAvailableError with the fix when neither works.
+    """
+    from faster_whisper.utils import _MODELS, download_model
+
+    model = str(model)
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        # Without tokenizer.json faster-whisper would fetch one from the hub: refuse instead of a surprise download.
+        missing = [f for f in ("model.bin", "config.json", "tokenizer.json") if not (folder / f).is_file()]
+        if missing:
+            raise ModelNotAvailableError(f"{folder} is not a CTranslate2 Whisper folder (no {', '.join(missing)}); "
+                                         f"convert one with ct2-transformers-converter --copy_files tokenizer.json "
+                                         f"preprocessor_config.json")
+        return str(folder)
+    if model.startswith((".", "/", "~")):
+        raise ModelNotAvailableError(f"faster-whisper model folder {model} does not exist; check the path")
+    if "/" not in model and model not in _MODELS:
+        raise ModelNotAvailableError(f"unknown faster-whisper model {model!r}: use one of {', '.join(_MODELS)}, "
+                                     f"a hub id or a local CTranslate2 folder")
+    repo = _MODELS.get(model, model)
+    attempts = [True] if os.environ.get("HF_HUB_OFFLINE", "0") in ("1", "true", "True") else [True, False]
+    for local_only in attempts:
+        try:
+            return download_model(model, local_files_only=local_only)
+        except Exception:  # noqa: BLE001 - not cached, no network, no such repo: one message for all
+            continue
+    raise ModelNotAvailableError(
+        f"faster-whisper model {model!r} ({repo}) is not in the local Hugging Face cache and the hub cannot be "
+        f"reached; fetch it on a connected machine with `hf download {repo}` (then copy ~/.cache/huggingface), "
+        f"or pass a local CTranslate2 folder")
+
+
+def load_whisper(options: AsrOptions) -> Any:
+    """A faster_whisper.WhisperModel for `options` (never downloads when HF_HUB_OFFLINE=1)."""
+    from faster_whisper import WhisperModel
+
+    path = resolve_whisper_model(options.model)
+    device, compute_type = resolve_device(options)
+    try:
+        return WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=options.threads,
+                            local_files_only=True)
+    except (RuntimeError, ValueError) as err:  # no CUDA, an unsupported compute type, a corrupt model.bin
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RuntimeError(f"cannot load faster-whisper model {options.model!r} on {device} ({compute_type}): "
+                           f"{first}") from None
+
+
+class StreamingTranscriber:
+    """Re-transcribes the unsettled audio on each `process()` and commits words by LocalAgreement.
+
+    Not thread-safe: one thread inserts and processes (AsrWorker does both).
+    """
+
+    _SILENCE_KEEP_S = 2.0  # when a pass hears no words at all, keep only this much (a word may be starting)
+    _GAP_S = 0.25  # audio arriving later than the buffer's end by more than this was lost: fill with silence
+
+    def __init__(self, options: AsrOptions | None = None, model: Any = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.options = options or AsrOptions()
+        self.model = model if model is not None else load_whisper(self.options)
+        self.language = self.options.language
+        if not self.model.model.is_multilingual and self.language not in (None, "en"):
+            log.warning("faster-whisper model %r is English-only; transcribing %r as English",
+                        self.options.model, self.language)
+            self.language = "en"  # said once here, instead of faster-whisper warning on every pass
+        self.clock = clock  # stamps commits; the timeline of insert_audio's t_end, so lag = commit - word end
+        self.agreement = LocalAgreement()
+        self._audio = np.zeros(0, np.float32)
+        self.buffer_t0: float | None = None  # absolute time of the buffer's first sample
+        self.passes = 0
+
+    @property
+    def buffer_s(self) -> float:
+        return self._audio.shape[0] / SAMPLE_RATE
+
+    @property
+    def buffer_t_end(self) -> float:
+        return (self.buffer_t0 or 0.0) + self.buffer_s
+
+    @property
+    def committed(self) -> list[Word]:
+        return list(self.agreement.committed)
+
+    @property
+    def tail(self) -> list[Word]:
+        return self.agreement.tail
+
+    def insert_audio(self, samples: np.ndarray, t_end: float | None = None) -> None:
+        """Append 16 kHz mono float32 samples whose last one is at absolute time `t_end`.
+
+        Times are counted in samples from the first block (read jitter in `t_end` does not move words); `t_end`
+        only reveals lost audio. `t_end=None` continues the timeline (from 0 for the first block).
+        """
+        x = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if x.shape[0] == 0:
+            return
+        start = None if t_end is None else t_end - x.shape[0] / SAMPLE_RATE
+        if self.buffer_t0 is None:
+            self.buffer_t0 = 0.0 if start is None else start
+        elif start is not None and start - self.buffer_t_end > self._GAP_S:
+            gap = int(round((start - self.buffer_t_end) * SAMPLE_RATE))
+            if gap < self.options.max_buffer_s * SAMPLE_RATE:  # keep the timeline: silence where audio was lost
+                x = np.concatenate([np.zeros(gap, np.float32), x])
+            else:  # a long pause in the stream: start a new buffer there
+                self._trim_to(self.buffer_t_end)
+                self.buffer_t0 = start
+        self._audio = np.concatenate([self._audio, x])
+        if self.buffer_s > WINDOW_S:  # passes are not keeping up: never hand Whisper more than one window
+            self._trim_to(self.buffer_t_end - WINDOW_S)
+
+    def prompt(self) -> str:
+        """The last `prompt_chars` of committed text whose audio has left the buffer (words still in the buffer
+        are transcribed again; prompting with them would make Whisper skip them)."""
+        t0 = self.buffer_t0 if self.buffer_t0 is not None else math.inf
+        words: list[Word] = []
+        chars = 0
+        for w in reversed(self.agreement.committed):  # whole words, newest first, up to prompt_chars
+            if w.end <= t0:
+                chars += len(w.text)
+                if chars > self.options.prompt_chars:
+                    break
+                words.append(w)
+        return join_words(reversed(words))
+
+    def process(self) -> AsrUpdate:
+        """One pass: transcribe the buffer, commit what two passes agree on, trim the buffer."""
+        audio_s = self.buffer_s
+        if audio_s == 0:
+            return AsrUpdate((), tuple(self.tail), 0.0, 0.0, 0.0, self.clock(), self.language)
+        o = self.options
+        t = time.perf_counter()
+        segments, info = self.model.transcribe(
+            self._audio, language=self.language, beam_size=o.beam_size, word_timestamps=True,
+            initial_prompt=self.prompt() or None, vad_filter=o.vad,
+            # One temperature: a fallback re-decode would multiply the pass time; disagreeing passes are
+            # filtered by LocalAgreement anyway. The buffer is one window, so there is no previous text.
+            temperature=0.0, condition_on_previous_text=False)
+        hypothesis = [Word(w.start, w.end, w.word) for s in segments for w in (s.words or ())]
+        pass_ms = (time.perf_counter() - t) * 1e3
+        self.passes += 1
+        new = self.agreement.insert(hypothesis, offset=self.buffer_t0 or 0.0)
+        self._trim_after_pass(hypothesis, bool(new))
+        return AsrUpdate(tuple(new), tuple(self.tail), pass_ms, audio_s, self.buffer_s, self.clock(),
+                         info.language)
+
+    def finish(self) -> AsrUpdate:
+        """End of stream: commit the uncommitted tail as it stands and empty the buffer."""
+        new = self.agreement.finish()
+        self._trim_to(self.buffer_t_end)
+        return AsrUpdate(tuple(new), (), 0.0, 0.0, 0.0, self.clock(), self.language)
+
+    def _trim_after_pass(self, hypothesis: list[Word], committed_now: bool) -> None:
+        t0, t_end, o = self.buffer_t0 or 0.0, self.buffer_t_end, self.options
+        in_buffer = [w for w in self.agreement.committed if w.end > t0]
+        cut = t0
+        if committed_now:  # at the end of the last committed sentence: Whisper restarts on a sentence boundary
+            ends = [w.end for w in in_buffer if ends_sentence(w)]
+            cut = max(cut, ends[-1]) if ends else cut
+        if t_end - cut > o.max_buffer_s:
+            # No sentence end: cut at the last committed word; when even that leaves too much (nothing agreed
+            # for a long time), keep the newest half, dropping the unconfirmed words before it.
+            cut = max(cut, in_buffer[-1].end if in_buffer else t0)
+            if t_end - cut > o.max_buffer_s:
+                cut = t_end - o.max_buffer_s / 2
+        if not hypothesis:  # silence (the VAD found no speech): do not re-read it on every pass
+            cut = max(cut, t_end - self._SILENCE_KEEP_S)
+        if cut > t0:
+            self._trim_to(cut)
+
+    def _trim_to(self, t: float) -> None:
+        """Drop the audio before absolute time `t`."""
+        t0 = self.buffer_t0 or 0.0
+        n = min(max(0, int(round((t - t0) * SAMPLE_RATE))), self._audio.shape[0])
+        self._audio = self._audio[n:].copy()  # a copy, so the dropped head is freed
+        self.buffer_t0 = t0 + n / SAMPLE_RATE
+        self.agreement.trim(self.buffer_t0)
+
+
+@dataclass(frozen=True)
+class CommitEvent:
+    """A committed word and its lag: commit time minus the time its audio ended (the benchmark's ASR commit lag)."""
+
+    text: str
+    t_word_end: float
+    t_commit: float
+    lag_s: float
+
+
+def ring_reader(ring: Any) -> Callable[[float], tuple[np.ndarray, float | None]]:
+    """An `AsrWorker` audio source over a realtime.buffers.AudioRing that reads each sample exactly once (by
+    sample index, not by time, whose callback jitter would duplicate or skip samples); `since` is ignored."""
+    index = ring.written
+
+    def get_audio(since: float) -> tuple[np.ndarray, float | None]:
+        nonlocal index
+        samples, index, t_end = ring.read_from(index)
+        return samples, t_end
+
+    return get_audio
+
+
+class AsrWorker:
+    """Runs a StreamingTranscriber on its own thread over an audio source, and publishes its text.
+
+    `get_audio(since)` returns (16 kHz float32 samples captured after time `since`, time of the last sample or
+    None when there is none yet); `since` is the previous call's time (AudioRing.read_since fits, and
+    `ring_reader(ring)` is exact). A pass runs whenever `min_chunk_s` of new audio has arrived; when a pass
+    takes longer, the next one simply covers more audio, so work never queues up.
+
+    An exception in the source or the model stops the worker: it is kept in `error`, logged, and given to
+    `on_error`; it never ends the process silently. `on_update` receives every AsrUpdate (on the worker thread).
+    """
+
+    def __init__(self, transcriber: StreamingTranscriber, get_audio: Callable[[float], tuple[np.ndarray, Any]], *,
+                 since: float | None = None, poll_s: float = 0.02, on_update: Callable[[AsrUpdate], None] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None, keep_commits: int = 1000,
+                 name: str = "mcihn-asr"):
+        self.transcriber = transcriber
+        self._get_audio = get_audio
+        self._since = since  # None: audio captured from start() on
+        self._poll_s = poll_s
+        self._on_update = on_update
+        self._on_error = on_error
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        window = transcriber.options.window_words
+        self._words: deque[Word] = deque(maxlen=window)  # the published last committed words
+        self._tail: tuple[Word, ...] = ()
+        self._commits: deque[CommitEvent] = deque(maxlen=keep_commits)  # for the benchmark's commit lag
+        self.version = 0  # bumped whenever the committed text changes: re-encode text only then
+        self.passes = 0
+        self.last_pass_ms: float | None = None
+        self.buffer_s = 0.0
+        self.error: BaseException | None = None
+
+    def start(self) -> AsrWorker:
+        if self._since is None:
+            self._since = self.transcriber.clock()  # the clock of the audio timeline
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 2.0, flush: bool = True) -> bool:
+        """Stop and join within `timeout` s; True when the thread ended. A pass cannot be interrupted: if one is
+        still running after `timeout`, the (daemon) thread ends after it and this returns False. `flush`
+        commits the uncommitted tail as it stands once the thread has ended."""
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        ended = not self._thread.is_alive()
+        if ended and flush and self.error is None:
+            self._publish(self.transcriber.finish())
+        return ended
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def text_window(self, max_words: int | None = None) -> str:
+        """The last `max_words` (default AsrOptions.window_words) committed words as text: the text extractor's
+        input (it keeps the newest tokens that fit)."""
+        with self._lock:
+            words = list(self._words)
+        return join_words(words[-max_words:] if max_words else words)
+
+    def commit_events(self) -> list[CommitEvent]:
+        """The last `keep_commits` committed words with their lags (a copy)."""
+        with self._lock:
+            return list(self._commits)
+
+    @property
+    def tail(self) -> str:
+        """The uncommitted hypothesis (for the overlay; never fused)."""
+        with self._lock:
+            return join_words(self._tail)
+
+    def _run(self) -> None:
+        new_s = 0.0
+        try:
+            while not self._stop.is_set():
+                samples, t_end = self._get_audio(self._since)
+                if len(samples):
+                    self.transcriber.insert_audio(samples, t_end)
+                    new_s += len(samples) / SAMPLE_RATE
+                if t_end is not None:
+                    self._since = t_end
+                if new_s >= self.transcriber.options.min_chunk_s:
+                    new_s = 0.0
+                    self._publish(self.transcriber.process())
+                else:
+                    self._stop.wait(self._poll_s)
+        except BaseException as err:  # noqa: BLE001 - reported, never swallowed: see the class docstring
+            self.error = err
+            log.error("ASR worker stopped: %s: %s", type(err).__name__, err)
+            if self._on_error is not None:
+                self._on_error(err)
+
+    def _publish(self, update: AsrUpdate) -> None:
+        with self._lock:
+            self._tail = update.tail
+            if update.pass_ms:
+                self.passes += 1
+                self.last_pass_ms = update.pass_ms
+            self.buffer_s = update.buffer_s
+            if update.new_words:
+                self._words.extend(update.new_words)
+                self._commits.extend(CommitEvent(w.text.strip(), w.end, update.t_commit, update.t_commit - w.end)
+                                    for w in update.new_words)
+                self.version += 1
+        if self._on_update is not None:
+            self._on_update(update)
