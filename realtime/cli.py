@@ -1,11 +1,176 @@
-"""`mcihn-live`: the live recognizer. Not built yet (a later issue); says so instead of failing obscurely."""
+"""`mcihn-live`: live emotion scores over the video, streamed to any output. A thin shell over Recognizer."""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import signal
 import sys
+import time
+
+EXAMPLES = """examples:
+  mcihn-live --demo                                  # offline: bundled clip, tiny untrained models
+  mcihn-live --checkpoint runs/sims/seed_0           # camera 0 + default microphone
+  mcihn-live --checkpoint C --camera 1 --mic USB --ws 8765 --jsonl events.jsonl
+  mcihn-live --checkpoint C --source interview.mp4 --osc 127.0.0.1:9000 --no-overlay
+  mcihn-live --checkpoint C --record session1        # later: --source session1 replays it
+  mcihn-live --list-devices
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mcihn-live", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a checkpoint folder written by `mcihn train` (or its run folder)")
+    p.add_argument("--demo", action="store_true", help="run offline on the bundled clip with tiny untrained models")
+    p.add_argument("--list-devices", action="store_true", help="list cameras and microphones, then exit")
+    src = p.add_argument_group("sources")
+    src.add_argument("--source", default="devices",
+                     help="devices (camera + microphone), push (Python API only), or a video file / --record folder")
+    src.add_argument("--camera", default="0", help="camera index, video path or stream URL (default 0)")
+    src.add_argument("--mic", default=None, help="microphone index or part of its name (default: the system's)")
+    src.add_argument("--width", type=int)
+    src.add_argument("--height", type=int)
+    src.add_argument("--fps", type=float, help="camera frame rate to ask for")
+    src.add_argument("--no-camera", action="store_true")
+    src.add_argument("--no-mic", action="store_true")
+    src.add_argument("--speed", type=float, default=1.0, help="file source: replay speed (1 = live pace)")
+    src.add_argument("--loop", action="store_true", help="file source: start over at the end")
+    run = p.add_argument_group("processing")
+    run.add_argument("--hop", type=float, default=0.25, help="seconds between updates (default 0.25: 4/s)")
+    run.add_argument("--window", type=float, default=2.56, help="seconds of audio and video per update")
+    run.add_argument("--backend", default="auto", help="auto | torch | onnxruntime | tensorrt")
+    run.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is a GPU)")
+    run.add_argument("--vision-model", help="load the checkpoint's vision model from this folder instead")
+    run.add_argument("--text-model", help="load the checkpoint's text model from this folder instead")
+    run.add_argument("--audio-model", help="load the checkpoint's audio model from this folder instead")
+    run.add_argument("--cache-dir", default=None, help="models, ONNX files and engines (~/.cache/mcihn-live)")
+    asr = p.add_argument_group("speech recognition (faster-whisper)")
+    asr.add_argument("--asr-model", default="base", help="size (tiny, base, small, ...) or a CTranslate2 folder")
+    asr.add_argument("--language", default="en", help="en, zh, ... or auto")
+    asr.add_argument("--asr-device", default="auto", help="auto | cpu | cuda")
+    asr.add_argument("--compute-type", default="auto", help="auto (int8 on CPU, float16 on GPU), int8, float16, ...")
+    asr.add_argument("--no-asr", action="store_true", help="no speech recognition (text stays absent)")
+    out = p.add_argument_group("outputs")
+    out.add_argument("--jsonl", help="append every event to this file, one JSON object per line")
+    out.add_argument("--ws", help="broadcast events over WebSocket on [HOST:]PORT (loopback by default)")
+    out.add_argument("--osc", help="send events as OSC messages to [HOST:]PORT")
+    out.add_argument("--lsl", action="store_true", help="publish a Lab Streaming Layer outlet (needs mcihn-live[lsl])")
+    out.add_argument("--record", help="save the session's video, audio and events in this folder")
+    out.add_argument("--no-overlay", action="store_true", help="no window, even with a display")
+    out.add_argument("--duration", type=float, help="stop after this many seconds")
+    out.add_argument("--quiet", action="store_true", help="no per-second status line on the terminal")
+    return p
+
+
+def config_from_args(args):
+    from realtime.asr import AsrOptions
+    from realtime.recognizer import DEFAULT_CACHE, LiveConfig
+
+    asr = AsrOptions(model=args.asr_model, language=None if args.language == "auto" else args.language,
+                     device=args.asr_device, compute_type=args.compute_type)
+    camera = int(args.camera) if str(args.camera).isdigit() else args.camera
+    mic = int(args.mic) if args.mic is not None and str(args.mic).isdigit() else args.mic
+    return LiveConfig(
+        checkpoint=args.checkpoint, demo=args.demo, source=args.source, camera=camera, mic=mic, width=args.width,
+        height=args.height, fps=args.fps, use_camera=not args.no_camera, use_mic=not args.no_mic,
+        use_asr=not args.no_asr, speed=args.speed, loop=args.loop, hop_s=args.hop, window_s=args.window,
+        backend=args.backend, device=args.device, vision_model=args.vision_model, text_model=args.text_model,
+        audio_model=args.audio_model, asr=asr, jsonl=args.jsonl, ws=args.ws, osc=args.osc, lsl=args.lsl,
+        record=args.record, cache_dir=args.cache_dir or str(DEFAULT_CACHE),
+    )
+
+
+def _status(event, rate: float) -> str:
+    top = max(event.scores.items(), key=lambda kv: kv[1])
+    p = event.presence
+    flags = "".join(c if on else "-" for c, on in (("F", p.vision.present), ("V", p.audio.voiced),
+                                                   ("T", p.text.present)))
+    label = "valence" if event.head == "regression" else top[0]
+    return (f"#{event.seq:5d} t={event.t_media:7.2f}s {label} {top[1]:+.2f} [{flags}] "
+            f"latency {event.latency_ms['capture_to_emit']:5.0f} ms  {rate:4.1f}/s"
+            + ("  UNTRAINED" if event.untrained else "")
+            + (f"  \u201c{p.text.text[-40:]}\u201d" if p.text.text else ""))
+
+
+def run_session(rec, overlay: bool, duration: float | None, quiet: bool) -> None:
+    """Show the overlay (main thread: HighGUI wants it) or a status line until the end, q/Esc, or Ctrl+C."""
+    from realtime.overlay import OverlayWindow, render
+
+    window = OverlayWindow() if overlay else None
+    start, last_status, last_seq, rate = time.monotonic(), 0.0, -1, 0.0
+    shown_seq = -1
+    try:
+        while not rec.finished and (duration is None or time.monotonic() - start < duration):
+            event = rec.latest_event
+            now = time.monotonic()
+            if event is not None and now - last_status >= 1.0:
+                rate = (event.seq - last_seq) / (now - last_status) if last_seq >= 0 else 0.0
+                if not quiet and event.seq != shown_seq:
+                    print(_status(event, rate), file=sys.stderr, flush=True)
+                    shown_seq = event.seq
+                last_status, last_seq = now, event.seq
+            if window is not None:
+                if not window.show(render(rec.latest_frame, event, rate), wait_ms=30):
+                    break
+            else:
+                time.sleep(0.05)
+            if rec.ticker is not None and rec.ticker.error is not None:
+                raise rec.ticker.error
+    finally:
+        if window is not None:
+            window.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("mcihn-live: the live recognizer is not implemented yet; use `mcihn train` / `mcihn eval` "
-          "(see README.md)", file=sys.stderr)
-    return 2
+    from engines.backends import BackendUnavailableError
+    from engines.hub import ModelNotAvailableError
+    from mcihn.checkpoint import CheckpointError
+    from mcihn.spec import SpecMismatchError
+    from realtime.overlay import display_available
+    from realtime.recognizer import ConfigError, Recognizer
+    from realtime.sinks import SinkError
+    from realtime.sources import SourceError, list_devices
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="mcihn-live: %(message)s")
+    if args.list_devices:
+        print(list_devices())
+        return 0
+    expected = (ConfigError, CheckpointError, SpecMismatchError, ModelNotAvailableError, SourceError, SinkError,
+                BackendUnavailableError, ValueError, FileNotFoundError)
+    rec = None
+    # SIGTERM (a supervisor, a closed terminal) shuts down like Ctrl+C: outputs flushed, threads joined.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        config = config_from_args(args)
+        overlay = not args.no_overlay and display_available()
+        if not args.no_overlay and not overlay:
+            print("mcihn-live: no display found; running headless (events go to the outputs and this terminal)",
+                  file=sys.stderr)
+        rec = Recognizer(config).start()
+        for fault in rec.faults:
+            print(f"mcihn-live: {fault}", file=sys.stderr)
+        run_session(rec, overlay, args.duration, args.quiet)
+    except expected as err:
+        print(f"mcihn-live: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mcihn-live: stopping", file=sys.stderr)
+    finally:
+        if rec is not None:
+            rec.stop(timeout=2.0)
+            _summary(rec)
+    return 0
+
+
+def _summary(rec) -> None:
+    event = rec.latest_event
+    if event is None:
+        print("mcihn-live: no update was emitted", file=sys.stderr)
+        return
+    print(f"mcihn-live: {event.seq + 1} updates, {event.skipped_ticks} ticks skipped, {event.dropped_frames} frames "
+          f"dropped; last capture->emit {event.latency_ms['capture_to_emit']:.0f} ms"
+          + ("; scores UNTRAINED (demo models)" if event.untrained else ""), file=sys.stderr)
+    for fault in rec.faults:
+        print(f"mcihn-live: during the session: {fault}", file=sys.stderr)

@@ -1,0 +1,50 @@
+"""`mcihn-live --demo`: the whole pipeline, offline, anywhere, on the bundled clip with tiny untrained models.
+
+The clip (realtime/assets/demo.mp4, made by tools/make_demo_clip.py) is NASA's public-domain astronaut portrait
+(scikit-image's `astronaut`) with espeak-ng speech. The models are random stand-ins of the real architectures
+(engines/standins.py, engines/whisper_standin.py) and an untrained MCIHN: every event is marked UNTRAINED and
+its scores mean nothing. What the demo shows is the machinery: capture, windows, ASR, fusion, events, outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEMO_CLIP = Path(__file__).resolve().parent / "assets" / "demo.mp4"
+DEMO_LABELS = ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"]  # MELD's seven emotions
+
+
+@dataclass
+class DemoAssets:
+    checkpoint: Path
+    whisper: Path
+    models: dict[str, Path]
+
+
+def prepare_demo(folder: str | Path) -> DemoAssets:
+    """Build (once; reused after) the tiny extractors, a tiny Whisper and an untrained MCIHN checkpoint."""
+    import torch
+
+    from engines.extractors import ExtractorOptions, build_extractors, extractors_spec
+    from engines.standins import build_standins
+    from engines.whisper_standin import build_tiny_whisper
+    from mcihn.checkpoint import save_checkpoint
+    from mcihn.config import MCIHNConfig
+    from mcihn.model import MCIHN
+    from mcihn.spec import MODALITIES
+
+    folder = Path(folder)
+    models = build_standins(folder / "models", "tiny")
+    whisper = build_tiny_whisper(folder / "whisper")
+    checkpoint = folder / "checkpoint"
+    if not (checkpoint / "config.json").is_file():
+        options = ExtractorOptions(**{m: str(models[m]) for m in MODALITIES}, face_crop=True)
+        spec = extractors_spec(build_extractors(options))
+        config = MCIHNConfig(input_dims={m: spec[m].dim for m in MODALITIES},
+                             seq_lens={m: spec[m].seq_len for m in MODALITIES},
+                             latent_len=8, latent_dim=32, num_heads=2, head="classification", labels=DEMO_LABELS)
+        torch.manual_seed(0)
+        save_checkpoint(checkpoint, MCIHN(config).eval(), spec,
+                        {"untrained": True, "note": "random weights for the demo: the scores mean nothing"})
+    return DemoAssets(checkpoint, whisper, models)

@@ -1,0 +1,152 @@
+"""The file source: a video file with its audio track (PyAV), or a folder written by `--record`, replayed into the
+same LatestFrame and AudioRing the camera and microphone fill.
+
+Media time t maps onto the monotonic clock as t0 + t / speed: at speed 1 frames and audio arrive as a live
+device would deliver them (the benchmark's "paced like a live camera"); a higher speed replays faster.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from realtime.buffers import SAMPLE_RATE, AudioRing, LatestFrame
+from realtime.sources import Source, SourceError
+
+RECORD_VIDEO, RECORD_AUDIO, RECORD_EVENTS = "video.mp4", "audio.wav", "events.jsonl"
+
+
+def _container_items(path: Path, video: bool = True, audio: bool = True) -> Iterator[tuple[float, str, np.ndarray]]:
+    """(media time, "video"|"audio", data) in decode order: BGR frames at their presentation time, 16 kHz mono
+    float32 audio blocks at the time of their last sample."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError) as err:
+        raise SourceError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+    with container:
+        streams = []
+        if video and container.streams.video:
+            streams.append(container.streams.video[0])
+            container.streams.video[0].thread_type = "AUTO"
+        if audio and container.streams.audio:
+            streams.append(container.streams.audio[0])
+        if not streams:
+            raise SourceError(f"{path} has no video or audio stream")
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        audio_t = None
+        try:
+            for packet in container.demux(*streams):
+                for frame in packet.decode():
+                    if packet.stream.type == "video":
+                        yield float(frame.time or 0.0), "video", frame.to_ndarray(format="bgr24")
+                    else:
+                        if audio_t is None:
+                            audio_t = float(frame.time or 0.0)
+                        for out in resampler.resample(frame):
+                            samples = out.to_ndarray().reshape(-1).astype(np.float32)
+                            audio_t += len(samples) / SAMPLE_RATE
+                            yield audio_t, "audio", samples
+        except av.error.FFmpegError as err:
+            raise SourceError(f"{path}: decoding failed ({str(err).splitlines()[0]})") from None
+
+
+def _wav_items(path: Path, block_s: float = 0.02) -> Iterator[tuple[float, str, np.ndarray]]:
+    """A 16-bit mono wav (written by --record) in blocks, at the time of each block's last sample."""
+    from realtime.buffers import StreamResampler, to_mono_float32
+
+    with wave.open(str(path), "rb") as wav:
+        rate, channels = wav.getframerate(), wav.getnchannels()
+        resampler = StreamResampler(rate)
+        step, t = int(rate * block_s), 0.0
+        while chunk := wav.readframes(step):
+            block = np.frombuffer(chunk, dtype=np.int16).reshape(-1, channels)
+            t += len(block) / rate
+            samples, _ = resampler.process(to_mono_float32(block))
+            yield t, "audio", samples
+
+
+def media_items(path: str | Path) -> Iterator[tuple[float, str, np.ndarray]]:
+    """Items of a video file, or of a recording folder (video.mp4 + audio.wav), in media-time order."""
+    path = Path(path)
+    if path.is_dir():
+        video, audio = path / RECORD_VIDEO, path / RECORD_AUDIO
+        if not video.is_file() and not audio.is_file():
+            raise SourceError(f"{path} is a folder without {RECORD_VIDEO} or {RECORD_AUDIO}; pass a video file or a "
+                              f"folder written by --record")
+        parts = []
+        if video.is_file():
+            parts.append(_container_items(video, audio=False))
+        if audio.is_file():
+            parts.append(_wav_items(audio))
+        return heapq.merge(*parts, key=lambda item: item[0])
+    if not path.is_file():
+        raise SourceError(f"video file {path} does not exist")
+    return _container_items(path)
+
+
+class FileSource(Source):
+    """Replays a file into `frames` and `ring` on its own thread, paced at `speed` x real time.
+
+    `t0` is the monotonic time of media time 0 (set at start); `media_time(t_mono)` maps back. `finished` is set
+    at the end of the file (or `loop` starts it over, shifted to continue the timeline).
+    """
+
+    kind = "file"
+
+    def __init__(self, path: str | Path, frames: LatestFrame | None = None, ring: AudioRing | None = None,
+                 speed: float = 1.0, loop: bool = False):
+        super().__init__(f"file {path}")
+        if speed <= 0:
+            raise ValueError(f"replay speed must be positive, got {speed}")
+        self.path, self.speed, self.loop = Path(path), speed, loop
+        self.frames = frames if frames is not None else LatestFrame()
+        self.ring = ring if ring is not None else AudioRing()
+        self.t0 = 0.0
+        self.duration = 0.0  # media seconds replayed so far
+        self.finished = False
+        self.video_frames = 0
+        self._items: Iterator | None = None
+
+    def _open(self) -> None:
+        self._items = media_items(self.path)  # raises SourceError for a missing or unreadable file
+        self._first = next(self._items, None)  # decode errors in the header show up here, before the thread
+        if self._first is None:
+            raise SourceError(f"{self.path} holds no frames and no audio")
+        self.t0 = time.monotonic()
+
+    def media_time(self, t_mono: float) -> float:
+        return (t_mono - self.t0) * self.speed
+
+    def _run(self) -> None:
+        offset = 0.0
+        items = itertools.chain([self._first], self._items)
+        while True:
+            for t_media, kind, data in items:
+                if self._stop.is_set():
+                    return
+                self._deliver(offset + t_media, kind, data)
+            if not self.loop or self._stop.is_set():
+                break
+            offset = self.duration
+            items = media_items(self.path)
+        self.finished = True
+
+    def _deliver(self, t_media: float, kind: str, data: np.ndarray) -> None:
+        t_mono = self.t0 + t_media / self.speed
+        wait = t_mono - time.monotonic()
+        if wait > 0 and self._stop.wait(wait):
+            return
+        if kind == "video":
+            self.frames.put(data, t_mono)
+            self.video_frames += 1
+        else:
+            self.ring.write(data, t_mono)
+        self.duration = max(self.duration, t_media)

@@ -1,0 +1,477 @@
+"""The Recognizer: sources -> windows -> extractors -> MCIHN -> EmotionEvents to every sink. The `mcihn-live`
+command is a thin shell over it; whatever the command can do, the API can.
+
+    with Recognizer(LiveConfig(checkpoint="runs/sims/seed_0")) as rec:
+        for event in rec:
+            print(event.seq, event.scores, event.latency_ms["capture_to_emit"])
+
+Threads: one per capture source, the vision worker (embeds each new frame once, at the window's frame rate),
+the ASR worker, the tick thread (audio window + text + fusion + emit, every hop) and the sinks' own threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from engines.extractor import Features
+from realtime.asr import AsrOptions
+from realtime.buffers import SAMPLE_RATE, AudioRing, LatestFrame
+from realtime.events import AudioPresence, EmotionEvent, Presence, TextPresence, VisionPresence
+from realtime.scheduler import Ticker
+from realtime.windows import EmbeddedFrame, TextWindow, VisionWindow
+
+log = logging.getLogger("mcihn.live")
+
+DEFAULT_CACHE = Path.home() / ".cache" / "mcihn-live"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot run as given; the message says what to pass instead."""
+
+
+@dataclass
+class LiveConfig:
+    """Everything `mcihn-live` can be told. Defaults run on a desktop with a camera and a microphone.
+
+    source: "devices" (camera + microphone), "push" (the host feeds frames and audio: Recognizer.push_*), or a
+    video file / a folder written by `record`. hop_s: one update per hop (0.25 s: 4 updates/s, the CPU budget
+    of DESIGN.md). window_s: the audio window (2.56 s = Wav2Vec2's 128 frames) and the span of the vision
+    window's frames. vision_model/text_model/audio_model: where to load the checkpoint's extractors from when
+    not from its model ids (a local folder holding the same model).
+    """
+
+    checkpoint: str | None = None
+    demo: bool = False
+    source: str = "devices"
+    camera: int | str = 0
+    mic: int | str | None = None
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    use_camera: bool = True
+    use_mic: bool = True
+    use_asr: bool = True
+    speed: float = 1.0
+    loop: bool = False
+    hop_s: float = 0.25
+    window_s: float = 2.56
+    backend: str = "auto"
+    device: str | None = None
+    vision_model: str | None = None
+    text_model: str | None = None
+    audio_model: str | None = None
+    asr: AsrOptions = field(default_factory=AsrOptions)
+    jsonl: str | None = None
+    ws: str | None = None
+    osc: str | None = None
+    lsl: bool = False
+    record: str | None = None
+    cache_dir: str = str(DEFAULT_CACHE)
+    queue_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint and not self.demo:
+            raise ConfigError("no model to run: pass --checkpoint PATH (a folder written by `mcihn train`) or --demo "
+                              "(tiny untrained models on the bundled clip)")
+        if self.hop_s <= 0 or self.window_s <= 0:
+            raise ConfigError(f"hop and window must be positive (got hop {self.hop_s} s, window {self.window_s} s)")
+
+
+@dataclass
+class Stack:
+    """What the recognizer runs: the extractors, the fusion backend and what it needs to know about them."""
+
+    extractors: dict
+    fusion: object  # engines.backends.Backend over MCIHN's inference forward
+    head: str
+    labels: list[str]
+    seq_lens: dict[str, int]
+    dims: dict[str, int]
+    modalities: tuple[str, ...]
+    untrained: bool
+    asr_options: AsrOptions
+
+
+def load_stack(config: LiveConfig) -> Stack:
+    """Load the checkpoint (or build the demo's), its extractors (checked against its feature spec) and backends."""
+    from engines.backends import create_backend
+    from engines.export import mcihn_engine_model
+    from engines.extractors import ExtractorOptions, build_extractors, check_extractors
+    from mcihn.checkpoint import load_checkpoint
+
+    asr_options = config.asr
+    if config.demo:
+        from realtime.demo import prepare_demo
+
+        demo = prepare_demo(Path(config.cache_dir).expanduser() / "demo")
+        checkpoint_dir = demo.checkpoint
+        asr_options = replace(asr_options, model=str(demo.whisper), language="en")
+    else:
+        checkpoint_dir = Path(config.checkpoint)
+        seeds = sorted(checkpoint_dir.glob("seed_*/config.json"))
+        if not (checkpoint_dir / "config.json").exists() and seeds:
+            checkpoint_dir = seeds[0].parent  # a run folder: its first seed
+    ckpt = load_checkpoint(checkpoint_dir)
+    options = ExtractorOptions.from_spec(ckpt.spec)
+    overridden = {m: path for m in ("vision", "text", "audio") if (path := getattr(config, f"{m}_model"))}
+    options = replace(options, **overridden)
+    extractors = build_extractors(options)
+    if overridden:
+        # The models come from elsewhere (a local copy): ids and revisions cannot match, the rest must.
+        ckpt.check_features(_without_identity(_spec_of(extractors), ckpt.spec, overridden), what="the extractors given")
+    else:
+        check_extractors(ckpt.spec, extractors)
+    cache = Path(config.cache_dir).expanduser() / "engines"
+    for extractor in extractors.values():
+        extractor.use_backend(create_backend(extractor.engine_model(), config.backend, config.device, cache_dir=cache))
+    model = ckpt.model
+    fusion = create_backend(mcihn_engine_model(model), config.backend, config.device, cache_dir=cache)
+    cfg = model.config
+    return Stack(extractors, fusion, cfg.head, list(cfg.labels), dict(cfg.seq_lens), dict(cfg.input_dims),
+                 tuple(cfg.modalities), bool(ckpt.metadata.get("untrained", False)), asr_options)
+
+
+def _spec_of(extractors: dict):
+    from engines.extractors import extractors_spec
+
+    return extractors_spec(extractors)
+
+
+def _without_identity(offered, reference, overridden: dict):
+    """`offered` with the model id and revision of overridden modalities copied from `reference`."""
+    from mcihn.spec import FeatureSpec
+
+    parts = {m: offered[m] for m in ("vision", "text", "audio")}
+    for m in overridden:
+        parts[m] = replace(parts[m], extractor=reference[m].extractor, revision=reference[m].revision)
+    return FeatureSpec(**parts)
+
+
+class Recognizer:
+    """The live recognizer. A context manager and an iterator over EmotionEvents; callbacks via `on_event`."""
+
+    def __init__(self, config: LiveConfig, stack: Stack | None = None):
+        self.config = config
+        self._stack = stack
+        self.frames = LatestFrame()
+        self.ring = AudioRing(capacity_s=max(30.0, 2 * config.window_s))
+        self.sources: list = []
+        self.faults: list[str] = []  # one line per fault met during the session (camera gone, ...)
+        self.asr = None
+        self.sinks = None
+        self.ticker: Ticker | None = None
+        self._events: queue.Queue[EmotionEvent | None] = queue.Queue(maxsize=config.queue_size)
+        self._callbacks: list[Callable[[EmotionEvent], None]] = []
+        self._vision_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._seq = 0
+        self._t_start = 0.0
+        self._file = None
+        self._push = None
+        self.recorder = None
+        self.latest_frame: np.ndarray | None = None
+        self.latest_event: EmotionEvent | None = None
+        self.events_dropped = 0
+        self.started = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def on_event(self, callback: Callable[[EmotionEvent], None]) -> None:
+        """Call `callback(event)` for every event (on a sink thread; exceptions are reported, not raised)."""
+        if self.started:
+            raise RuntimeError("register callbacks before start()")
+        self._callbacks.append(callback)
+
+    def start(self) -> Recognizer:
+        from realtime.sinks import SinkGroup
+
+        cfg = self.config
+        self.stack = self._stack or load_stack(cfg)
+        self._t_start = time.monotonic()
+        self.sinks = SinkGroup(self._build_sinks()).open()
+        try:
+            self._start_sources()
+            self._start_workers()
+        except BaseException:
+            self.stop()
+            raise
+        self.started = True
+        self.ticker = Ticker(cfg.hop_s / cfg.speed if self._file else cfg.hop_s, self._tick).start()
+        return self
+
+    def _build_sinks(self) -> list:
+        from realtime.sinks import CallbackSink, JsonlSink, LslSink, OscSink, WebSocketSink, parse_host_port
+
+        cfg, sinks = self.config, []
+        if cfg.jsonl:
+            sinks.append(JsonlSink(cfg.jsonl))
+        if cfg.ws:
+            host, port = parse_host_port(cfg.ws)
+            sinks.append(WebSocketSink(port=port, host=host))
+        if cfg.osc:
+            host, port = parse_host_port(cfg.osc)
+            sinks.append(OscSink(host, port))
+        if cfg.lsl:
+            sinks.append(LslSink(rate_hz=1.0 / cfg.hop_s))
+        if cfg.record:
+            from realtime.recorder import Recorder
+
+            self.recorder = Recorder(cfg.record, self.frames, self.ring)
+            sinks.append(JsonlSink(str(Path(cfg.record) / "events.jsonl")))
+        sinks.extend(CallbackSink(cb) for cb in self._callbacks)
+        return sinks
+
+    def _start_sources(self) -> None:
+        from realtime.sources import CameraSource, MicrophoneSource, PushSource, SourceError
+
+        cfg = self.config
+        if cfg.demo and cfg.source == "devices":
+            from realtime.demo import DEMO_CLIP
+
+            cfg.source = str(DEMO_CLIP)
+        if cfg.source == "push":
+            self._push = PushSource(self.frames, self.ring).start()
+            self.sources.append(self._push)
+        elif cfg.source == "devices":
+            if cfg.use_camera:
+                try:
+                    self.sources.append(CameraSource(cfg.camera, cfg.width, cfg.height, cfg.fps, self.frames).start())
+                except SourceError as err:
+                    self._fault(f"{err}; going on without vision")
+            if cfg.use_mic:
+                try:
+                    self.sources.append(MicrophoneSource(cfg.mic, self.ring).start())
+                except SourceError as err:
+                    self._fault(f"{err}; going on without audio and speech")
+            if not self.sources:
+                raise SourceError("no camera and no microphone could be opened; check the devices "
+                                  "(mcihn-live --list-devices) or replay a file with --source PATH")
+        else:
+            from realtime.file_source import FileSource
+
+            self._file = FileSource(cfg.source, self.frames, self.ring, speed=cfg.speed, loop=cfg.loop).start()
+            self._t_start = self._file.t0
+            self.sources.append(self._file)
+        if self.recorder is not None:
+            self.recorder.start()
+
+    def _start_workers(self) -> None:
+        cfg, stack = self.config, self.stack
+        if "vision" in stack.modalities and (cfg.source != "devices" or cfg.use_camera):
+            vision = stack.extractors["vision"]
+            self.vision_window = VisionWindow(stack.seq_lens["vision"], stack.dims["vision"], cfg.window_s)
+            self._vision_thread = threading.Thread(target=self._vision_loop, args=(vision,), name="mcihn-vision",
+                                                   daemon=True)
+            self._vision_thread.start()
+        else:
+            self.vision_window = None
+        self.text_window = TextWindow(stack.extractors["text"]) if "text" in stack.modalities else None
+        has_audio = cfg.source != "devices" or cfg.use_mic
+        if cfg.use_asr and has_audio and self.text_window is not None:
+            from realtime.asr import AsrWorker, StreamingTranscriber, ring_reader
+
+            transcriber = StreamingTranscriber(stack.asr_options)
+            self.asr = AsrWorker(transcriber, ring_reader(self.ring), on_error=self._asr_failed).start()
+
+    def _asr_failed(self, err: BaseException) -> None:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        self._fault(f"speech recognition stopped ({reason}); going on without text")
+
+    def _fault(self, line: str) -> None:
+        self.faults.append(line)
+        log.warning(line)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop everything within about `timeout` seconds: ticks first, then workers, sources, sinks."""
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        left = lambda: max(0.05, deadline - time.monotonic())  # noqa: E731
+        if self.ticker is not None:
+            self.ticker.stop(left() / 3)
+        if self.asr is not None:
+            self.asr.stop(left() / 3, flush=False)
+        for source in self.sources:
+            source.stop(left() / 4)
+        if self._vision_thread is not None:
+            self._vision_thread.join(left() / 4)
+        if self.recorder is not None:
+            self.recorder.stop(left() / 3)
+        if self.sinks is not None:
+            self.sinks.close(left())
+        try:
+            self._events.put_nowait(None)  # ends iteration
+        except queue.Full:
+            pass
+
+    def __enter__(self) -> Recognizer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __iter__(self) -> Iterator[EmotionEvent]:
+        """Events as they are emitted, until stop() or the end of a file source."""
+        while True:
+            try:
+                event = self._events.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set() or self.finished:
+                    return
+                continue
+            if event is None:
+                return
+            yield event
+
+    @property
+    def finished(self) -> bool:
+        """A file source reached its end (and the last window was emitted), or the tick thread failed."""
+        if self.ticker is not None and self.ticker.error is not None:
+            return True
+        return self._file is not None and self._file.finished and self._emitted_after_end
+
+    _emitted_after_end = False
+
+    # -- push API --------------------------------------------------------------------------------------------
+
+    def push_frame(self, frame_bgr: np.ndarray, t: float | None = None) -> None:
+        if self._push is None:
+            raise RuntimeError("push_frame needs LiveConfig(source='push')")
+        self._push.push_frame(frame_bgr, t)
+
+    def push_audio(self, block: np.ndarray, sample_rate: int, t: float | None = None) -> None:
+        if self._push is None:
+            raise RuntimeError("push_audio needs LiveConfig(source='push')")
+        self._push.push_audio(block, sample_rate, t)
+
+    # -- work ------------------------------------------------------------------------------------------------
+
+    def _vision_loop(self, extractor) -> None:
+        """Embed the newest frame every window_s / seq_len seconds (each frame once, as it enters the window)."""
+        interval = self.config.window_s / self.vision_window.seq_len / (self.config.speed if self._file else 1.0)
+        seen = 0
+        next_due = time.monotonic()
+        while not self._stop.is_set():
+            item = self.frames.wait_new(seen, timeout=0.1)
+            if item is None:
+                continue
+            seen = item.seq
+            self.latest_frame = item.frame_bgr
+            if time.monotonic() < next_due:
+                continue
+            next_due = max(next_due + interval, time.monotonic() - interval)
+            start = time.perf_counter()
+            try:
+                emb = extractor.embed_frames([item.frame_bgr])
+            except Exception as err:  # noqa: BLE001 - one bad frame must not end vision
+                self._fault(f"vision extraction failed on a frame: {err}")
+                continue
+            embedding = emb.embeddings[0] if emb.present[0] else None
+            self.vision_window.add(EmbeddedFrame(item.t_capture, embedding, emb.boxes[0],
+                                                 (time.perf_counter() - start) * 1e3))
+
+    def _tick(self, t_due: float) -> None:
+        stack = self.stack
+        now = time.monotonic()
+        latency: dict[str, float] = {}
+        feats: dict[str, Features] = {}
+        newest_capture: list[float] = []
+        presence = Presence()
+
+        if self.vision_window is not None:
+            feats["vision"], newest = self.vision_window.snapshot(now)
+            if newest is not None:
+                newest_capture.append(newest.t_capture)
+                latency["vision"] = newest.extract_ms
+            faces = feats["vision"].info["faces"]
+            presence.vision = VisionPresence(feats["vision"].present, faces[-1] if faces else None,
+                                             feats["vision"].length)
+
+        samples, t_end = self.ring.read_last(self.config.window_s)
+        if "audio" in stack.modalities:
+            feats["audio"], presence.audio = self._audio_features(samples, latency)
+            if t_end is not None and len(samples):
+                newest_capture.append(t_end)
+
+        if self.text_window is not None:
+            committed = self.asr.text_window() if self.asr is not None else ""
+            start = time.perf_counter()
+            feats["text"], _ = self.text_window.features(committed)
+            latency["text"] = (time.perf_counter() - start) * 1e3
+            presence.text = TextPresence(feats["text"].present, committed if feats["text"].present else "",
+                                         feats["text"].length, self.asr.tail if self.asr is not None else "")
+            if self.asr is not None and self.asr.last_pass_ms is not None:
+                latency["asr"] = float(self.asr.last_pass_ms)
+
+        start = time.perf_counter()
+        scores = self._fuse(feats)
+        latency["fusion"] = (time.perf_counter() - start) * 1e3
+        t_emit = time.monotonic()
+        latency["capture_to_emit"] = (t_emit - max(newest_capture)) * 1e3 if newest_capture else 0.0
+        t_media = (max(newest_capture) if newest_capture else now) - self._t_start
+        if self._file is not None:
+            t_media *= self.config.speed
+        event = EmotionEvent(
+            seq=self._seq, t_media=round(t_media, 4), t_wall=time.time(), t_mono=t_emit, head=stack.head,
+            scores=scores, presence=presence, latency_ms={k: round(max(v, 0.0), 3) for k, v in latency.items()},
+            untrained=stack.untrained, skipped_ticks=self.ticker.skipped if self.ticker else 0,
+            dropped_frames=self.frames.dropped,
+        )
+        self._seq += 1
+        self._emit(event)
+        if self._file is not None and self._file.finished:
+            self._emitted_after_end = True
+
+    def _audio_features(self, samples: np.ndarray, latency: dict[str, float]) -> tuple[Features, AudioPresence]:
+        """The audio window's features; absent (length 0) when there is no audio or no speech in it."""
+        from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+        seconds = len(samples) / SAMPLE_RATE
+        extractor = self.stack.extractors["audio"]
+        absent = Features(np.zeros((self.stack.seq_lens["audio"], self.stack.dims["audio"]), np.float32), 0)
+        if seconds < 0.1:
+            return absent, AudioPresence(False, False, round(seconds, 3))
+        start = time.perf_counter()
+        voiced = bool(get_speech_timestamps(samples, VadOptions(min_speech_duration_ms=100)))
+        latency["vad"] = (time.perf_counter() - start) * 1e3
+        if not voiced:
+            return absent, AudioPresence(True, False, round(seconds, 3))
+        start = time.perf_counter()
+        feats = extractor.extract(samples, SAMPLE_RATE)
+        latency["audio"] = (time.perf_counter() - start) * 1e3
+        return feats, AudioPresence(True, True, round(seconds, 3))
+
+    def _fuse(self, feats: dict[str, Features]) -> dict[str, float]:
+        stack = self.stack
+        inputs, lengths = {}, []
+        for m in ("vision", "text", "audio"):
+            f = feats.get(m)
+            if f is None:
+                f = Features(np.zeros((stack.seq_lens[m], stack.dims[m]), np.float32), 0)
+            inputs[m] = f.values[None].astype(np.float32, copy=False)
+            lengths.append(f.length)
+        inputs["lengths"] = np.asarray([lengths], dtype=np.int64)
+        out = next(iter(stack.fusion.run(inputs).values()))[0]
+        if stack.head == "regression":
+            return {"valence": float(out)}
+        return {label: float(p) for label, p in zip(stack.labels, out, strict=True)}
+
+    def _emit(self, event: EmotionEvent) -> None:
+        self.latest_event = event
+        self.sinks.send(event)
+        try:
+            self._events.put_nowait(event)
+        except queue.Full:  # nobody iterates (callbacks or sinks only): keep the newest
+            try:
+                self._events.get_nowait()
+                self.events_dropped += 1
+            except queue.Empty:
+                pass
+            self._events.put_nowait(event)
