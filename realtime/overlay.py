@@ -68,16 +68,24 @@ def draw_scores(img: np.ndarray, event: EmotionEvent, x: int, y: int, width: int
 
 
 def render(frame: np.ndarray | None, event: EmotionEvent | None, fps: float = 0.0,
-           size: tuple[int, int] = (640, 480)) -> np.ndarray:
-    """The overlay image (BGR) for the newest frame and event; a grey canvas when there is no video."""
-    img = frame.copy() if frame is not None else np.full((size[1], size[0], 3), 40, np.uint8)
+           size: tuple[int, int] = (640, 480), min_width: int = 640) -> np.ndarray:
+    """The overlay image (BGR) for the newest frame and event; a grey canvas when there is no video. Small frames
+    are scaled up to `min_width` so the panel stays readable."""
+    scale = 1.0
+    if frame is None:
+        img = np.full((size[1], size[0], 3), 40, np.uint8)
+    elif frame.shape[1] < min_width:
+        scale = min_width / frame.shape[1]
+        img = cv2.resize(frame, (min_width, round(frame.shape[0] * scale)), interpolation=cv2.INTER_LINEAR)
+    else:
+        img = frame.copy()
     h, w = img.shape[:2]
     if event is None:
         _text(img, "waiting for the first update...", (10, 24))
         return img
     face = event.presence.vision.face
     if face is not None and frame is not None:
-        x, y, fw, fh = face
+        x, y, fw, fh = (round(v * scale) for v in face)
         cv2.rectangle(img, (x, y), (x + fw, y + fh), GREEN, 2)
     rows = len(event.scores) if event.head == "classification" else 2
     _panel(img, 0, 0, 250, 60 + rows * 22)
