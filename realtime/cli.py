@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="run offline on the bundled clip with tiny untrained models")
     p.add_argument("--list-devices", action="store_true", help="list cameras and microphones, then exit")
     src = p.add_argument_group("sources")
-    src.add_argument("--source", default="devices",
-                     help="devices (camera + microphone), push (Python API only), or a video file / --record folder")
+    src.add_argument("--source", default=None,
+                     help="devices (camera + microphone; the default), or a video file / --record folder "
+                          "(--demo: the bundled clip)")
     src.add_argument("--camera", default="0", help="camera index, video path or stream URL (default 0)")
     src.add_argument("--mic", default=None, help="microphone index or part of its name (default: the system's)")
     src.add_argument("--width", type=int)

@@ -23,39 +23,20 @@ RECORD_VIDEO, RECORD_AUDIO, RECORD_EVENTS = "video.mp4", "audio.wav", "events.js
 
 
 def _container_items(path: Path, video: bool = True, audio: bool = True) -> Iterator[tuple[float, str, np.ndarray]]:
-    """(media time, "video"|"audio", data) in decode order: BGR frames at their presentation time, 16 kHz mono
-    float32 audio blocks at the time of their last sample."""
-    import av
+    """(media time, "video"|"audio", data): BGR frames at their presentation time, 16 kHz mono float32 audio
+    blocks at the time of their last sample (what a live microphone's block stamp means)."""
+    from engines.media import MediaError, iter_av
 
+    audio_t = None
     try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError) as err:
-        raise SourceError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
-    with container:
-        streams = []
-        if video and container.streams.video:
-            streams.append(container.streams.video[0])
-            container.streams.video[0].thread_type = "AUTO"
-        if audio and container.streams.audio:
-            streams.append(container.streams.audio[0])
-        if not streams:
-            raise SourceError(f"{path} has no video or audio stream")
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        audio_t = None
-        try:
-            for packet in container.demux(*streams):
-                for frame in packet.decode():
-                    if packet.stream.type == "video":
-                        yield float(frame.time or 0.0), "video", frame.to_ndarray(format="bgr24")
-                    else:
-                        if audio_t is None:
-                            audio_t = float(frame.time or 0.0)
-                        for out in resampler.resample(frame):
-                            samples = out.to_ndarray().reshape(-1).astype(np.float32)
-                            audio_t += len(samples) / SAMPLE_RATE
-                            yield audio_t, "audio", samples
-        except av.error.FFmpegError as err:
-            raise SourceError(f"{path}: decoding failed ({str(err).splitlines()[0]})") from None
+        for t, kind, data in iter_av(path, video=video, audio=audio, audio_rate=SAMPLE_RATE):
+            if kind == "video":
+                yield t, kind, data
+                continue
+            audio_t = (t if audio_t is None else audio_t) + len(data) / SAMPLE_RATE  # counted: no drift
+            yield audio_t, kind, data
+    except MediaError as err:
+        raise SourceError(f"cannot read {err}") from None
 
 
 def _wav_items(path: Path, block_s: float = 0.02) -> Iterator[tuple[float, str, np.ndarray]]:

@@ -42,7 +42,8 @@ class LiveConfig:
     """Everything `mcihn-live` can be told. Defaults run on a desktop with a camera and a microphone.
 
     source: "devices" (camera + microphone), "push" (the host feeds frames and audio: Recognizer.push_*), or a
-    video file / a folder written by `record`. hop_s: one update per hop (0.25 s: 4 updates/s, the CPU budget
+    video file / a folder written by `record`; None: the bundled clip with `demo`, else "devices".
+    hop_s: one update per hop (0.25 s: 4 updates/s, the CPU budget
     of DESIGN.md). window_s: the audio window (2.56 s = Wav2Vec2's 128 frames) and the span of the vision
     window's frames. vision_model/text_model/audio_model: where to load the checkpoint's extractors from when
     not from its model ids (a local folder holding the same model).
@@ -50,7 +51,7 @@ class LiveConfig:
 
     checkpoint: str | None = None
     demo: bool = False
-    source: str = "devices"
+    source: str | None = None
     camera: int | str = 0
     mic: int | str | None = None
     width: int | None = None
@@ -81,6 +82,10 @@ class LiveConfig:
         if not self.checkpoint and not self.demo:
             raise ConfigError("no model to run: pass --checkpoint PATH (a folder written by `mcihn train`) or --demo "
                               "(tiny untrained models on the bundled clip)")
+        if self.source is None:
+            from realtime.demo import DEMO_CLIP
+
+            self.source = str(DEMO_CLIP) if self.demo else "devices"
         if self.hop_s <= 0 or self.window_s <= 0:
             raise ConfigError(f"hop and window must be positive (got hop {self.hop_s} s, window {self.window_s} s)")
 
@@ -233,10 +238,6 @@ class Recognizer:
         from realtime.sources import CameraSource, MicrophoneSource, PushSource, SourceError
 
         cfg = self.config
-        if cfg.demo and cfg.source == "devices":
-            from realtime.demo import DEMO_CLIP
-
-            cfg.source = str(DEMO_CLIP)
         if cfg.source == "push":
             self._push = PushSource(self.frames, self.ring).start()
             self.sources.append(self._push)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools import bench_models, build, extract_text
+from tools import bench_models, build, extract, extract_text
 
 EXAMPLES = """examples:
   mcihn train --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --out runs/mosi --seeds 5
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(base)
     base.add_argument("--json", action="store_true")
 
+    extract.add_parser(sub)
     extract_text.add_parser(sub)
     bench_models.add_parser(sub)
     build.add_parser(sub)
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "baseline": cmd_baseline, "demo": cmd_demo,
                 "extract-text": extract_text.run, "bench-models": bench_models.run,
-                "build": build.run}
+                "build": build.run, "extract": extract.run}
     try:
         return handlers[args.command](args)
     except (DataError, CheckpointError, SpecMismatchError, ModelNotAvailableError, ValueError,

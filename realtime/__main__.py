@@ -1,0 +1,7 @@
+"""`python -m realtime` is `mcihn-live`."""
+
+import sys
+
+from realtime.cli import main
+
+sys.exit(main())
