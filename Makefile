@@ -1,11 +1,11 @@
-# Two commands for a fresh clone: `make demo` and `make test`. Each creates .venv and installs what it needs.
+# Two commands for a fresh clone: `make demo` (the live demo) and `make test`. Each creates .venv and installs what it needs.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data/cmu-mosi/mosi_utterance_features.npz
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo mosi test lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The live pipeline on the bundled clip with tiny untrained models (overlay with a display, headless without).
 demo: $(STAMP)
+	$(BIN)/mcihn-live --demo
+
+# MCIHN (5 seeds) against the ridge baseline on the shared CMU-MOSI features (docs/results.md).
+mosi: $(STAMP)
 	$(BIN)/mcihn demo --data $(DATA)
 
 test: $(STAMP)

@@ -73,6 +73,15 @@ def media_items(path: str | Path) -> Iterator[tuple[float, str, np.ndarray]]:
     return _container_items(path)
 
 
+def check_media(path: str | Path) -> None:
+    """Raise SourceError (one line) unless `path` can be opened and yields at least one frame or audio block."""
+    items = media_items(path)
+    if next(iter(items), None) is None:
+        raise SourceError(f"{path} holds no frames and no audio")
+    if hasattr(items, "close"):
+        items.close()
+
+
 class FileSource(Source):
     """Replays a file into `frames` and `ring` on its own thread, paced at `speed` x real time.
 

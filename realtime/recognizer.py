@@ -199,6 +199,10 @@ class Recognizer:
         from realtime.sinks import SinkGroup
 
         cfg = self.config
+        if cfg.source not in ("devices", "push"):
+            from realtime.file_source import check_media
+
+            check_media(cfg.source)  # an unreadable file is said before seconds of model loading
         self.stack = self._stack or load_stack(cfg)
         self._t_start = time.monotonic()
         self.sinks = SinkGroup(self._build_sinks()).open()

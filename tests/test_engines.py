@@ -580,3 +580,16 @@ def test_mcihn_build_refuses_what_it_cannot_do(tmp_path, tiny_checkpoint, capsys
                            "--cache-dir", str(tmp_path / "cache"))
         assert build.run(args) == 2
         assert "mcihn-live[tensorrt]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_every_extractor_exports_with_parity(standin_models, tmp_path, modality):
+    """Each extractor's core (tiny stand-in of the real architecture) exports to ONNX and matches torch in
+    onnxruntime within 1e-4, on its example input and a second batch size."""
+    from engines.extractors import ExtractorOptions, build_extractor
+
+    options = ExtractorOptions(**{m: str(standin_models[m]) for m in MODALITIES})
+    model = build_extractor(modality, options).engine_model()
+    path = export_onnx(model, tmp_path / f"{model.name}.onnx")
+    report = check_parity(model, path, tolerance=1e-4)
+    assert report.passed and len(report.cases) >= 2, report.summary()

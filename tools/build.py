@@ -83,8 +83,9 @@ def resolve_build_backend(backend: str) -> str:
     return backend
 
 
-def engine_models(checkpoint, out=sys.stdout) -> list[EngineModel]:
+def engine_models(checkpoint, out=None) -> list[EngineModel]:
     """MCIHN's engine model, then one per extractor the checkpoint's modalities need that can be loaded here."""
+    out = out if out is not None else sys.stdout  # looked up now: a default bound at import misses redirection
     from engines.export import mcihn_engine_model
     from engines.extractors import ExtractorOptions, build_extractor
     from engines.hub import ModelNotAvailableError
