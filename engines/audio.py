@@ -26,19 +26,13 @@ SAMPLE_RATE = 16_000
 LAYERS = {"conv": "extract_features", "hidden": "last_hidden_state"}
 
 
-def to_16k_mono(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Any PCM block -> (S,) float32 mono at 16 kHz.
-
-    samples: (N,) or (N, channels); integers are scaled to -1..1 (int16 by 1/32768), channels are averaged.
-    Resampling is scipy's polyphase filter with the reduced up/down ratio (44.1 kHz: 160/441), the filter the
-    streaming resampler of the live sources reproduces block by block (realtime/buffers.py).
-    """
+def to_mono_float32(samples: np.ndarray) -> np.ndarray:
+    """(N,) or (N, channels) PCM -> (N,) float32 mono in -1..1: signed integers scaled by their full scale (int16
+    by 1/32768), unsigned 8-bit centred on 128, floats as they are; channels averaged. The live sources use it
+    on every block (realtime/buffers.py), datasets on whole clips."""
     x = np.asarray(samples)
     if x.ndim not in (1, 2):
         raise ValueError(f"audio must be (samples,) or (samples, channels), got shape {x.shape}")
-    rate = int(sample_rate)
-    if rate != sample_rate or rate <= 0:
-        raise ValueError(f"sample rate must be a positive whole number of Hz, got {sample_rate}")
     if np.issubdtype(x.dtype, np.signedinteger):
         x = x.astype(np.float32) / float(2 ** (8 * x.dtype.itemsize - 1))
     elif np.issubdtype(x.dtype, np.unsignedinteger):  # 8-bit WAV: unsigned, centred on 128
@@ -48,8 +42,19 @@ def to_16k_mono(samples: np.ndarray, sample_rate: int) -> np.ndarray:
         x = x.astype(np.float32, copy=False)
     else:
         raise ValueError(f"audio samples must be integers or floats, got dtype {x.dtype}")
-    if x.ndim == 2:
-        x = x.mean(axis=1, dtype=np.float32)
+    return x.mean(axis=1, dtype=np.float32) if x.ndim == 2 else x
+
+
+def to_16k_mono(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Any PCM block -> (S,) float32 mono at 16 kHz (see to_mono_float32 for formats).
+
+    Resampling is scipy's polyphase filter with the reduced up/down ratio (44.1 kHz: 160/441), the filter the
+    streaming resampler of the live sources reproduces block by block (realtime/buffers.py).
+    """
+    rate = int(sample_rate)
+    if rate != sample_rate or rate <= 0:
+        raise ValueError(f"sample rate must be a positive whole number of Hz, got {sample_rate}")
+    x = to_mono_float32(samples)
     g = gcd(SAMPLE_RATE, rate)
     up, down = SAMPLE_RATE // g, rate // g
     if up == down:

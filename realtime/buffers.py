@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from engines.audio import to_mono_float32  # noqa: F401 - re-exported: the sources convert every block with it
+
 SAMPLE_RATE = 16_000  # the rate of every model's audio input (Wav2Vec2, Whisper)
 
 
@@ -226,22 +228,3 @@ class StreamResampler:
         # The last output sits at input position (k_end - 1) * down / up.
         lag = (n_total - 1 - (k_end - 1) * self.down / self.up) / self.in_rate
         return out, t_end - lag
-
-
-def to_mono_float32(block: np.ndarray) -> np.ndarray:
-    """(frames,) or (frames, channels) audio of int16, int32 or float -> mono float32 in [-1, 1] (channel mean)."""
-    x = np.asarray(block)
-    if x.dtype == np.int16:
-        scale = 1.0 / 32768.0
-    elif x.dtype == np.int32:
-        scale = 1.0 / 2147483648.0
-    elif x.dtype in (np.float32, np.float64):
-        scale = None
-    else:
-        raise ValueError(f"audio must be int16, int32, float32 or float64 samples, got {x.dtype}")
-    if x.ndim == 2:
-        x = x[:, 0] if x.shape[1] == 1 else x.mean(axis=1, dtype=np.float64)
-    elif x.ndim != 1:
-        raise ValueError(f"audio must be (frames,) or (frames, channels), got shape {x.shape}")
-    x = x.astype(np.float32)
-    return x * np.float32(scale) if scale is not None else x
