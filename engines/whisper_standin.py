@@ -29,7 +29,17 @@ _CORPUS = (
 _BUILT = ("model.bin", "config.json", "tokenizer.json", "preprocessor_config.json")
 
 
-def build_tiny_whisper(folder: str | Path, seed: int = 0) -> Path:
+# Model sizes: "tiny" for tests and the demo; "base" has Whisper base's encoder and decoder sizes (its vocabulary
+# is still the small BPE above, so the decoder's output layer is cheaper than the real one's): for timing.
+SIZES = {
+    "tiny": {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+             "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64},
+    "base": {"d_model": 512, "encoder_layers": 6, "decoder_layers": 6, "encoder_attention_heads": 8,
+             "decoder_attention_heads": 8, "encoder_ffn_dim": 2048, "decoder_ffn_dim": 2048},
+}
+
+
+def build_tiny_whisper(folder: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Build (or reuse, when already built) the tiny CTranslate2 Whisper in `folder`; returns the folder.
 
     The folder is what `faster_whisper.WhisperModel(folder, device="cpu", compute_type="int8")` and
@@ -62,8 +72,7 @@ def build_tiny_whisper(folder: str | Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = tf.WhisperConfig(
-        vocab_size=vocab_size, num_mel_bins=80, d_model=32, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        vocab_size=vocab_size, num_mel_bins=80, **SIZES[size],
         max_source_positions=1500, max_target_positions=448,  # the real limits: 30 s of audio, 448 tokens
         pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"],
         decoder_start_token_id=ids["<|startoftranscript|>"], suppress_tokens=[], begin_suppress_tokens=[],

@@ -22,8 +22,11 @@ class DemoAssets:
     models: dict[str, Path]
 
 
-def prepare_demo(folder: str | Path) -> DemoAssets:
-    """Build (once; reused after) the tiny extractors, a tiny Whisper and an untrained MCIHN checkpoint."""
+def prepare_demo(folder: str | Path, size: str = "tiny") -> DemoAssets:
+    """Build (once; reused after) stand-in extractors, a stand-in Whisper and an untrained MCIHN checkpoint.
+
+    size "tiny": tiny models (the demo, tests). "base": the paper's architectures and MCIHN sizes with random
+    weights (timing: `mcihn bench --size base`)."""
     import torch
 
     from engines.extractors import ExtractorOptions, build_extractors, extractors_spec
@@ -35,15 +38,16 @@ def prepare_demo(folder: str | Path) -> DemoAssets:
     from mcihn.spec import MODALITIES
 
     folder = Path(folder)
-    models = build_standins(folder / "models", "tiny")
-    whisper = build_tiny_whisper(folder / "whisper")
+    models = build_standins(folder / "models", size)
+    whisper = build_tiny_whisper(folder / "whisper", size=size)
     checkpoint = folder / "checkpoint"
     if not (checkpoint / "config.json").is_file():
         options = ExtractorOptions(**{m: str(models[m]) for m in MODALITIES}, face_crop=True)
         spec = extractors_spec(build_extractors(options))
+        sizes = {"latent_len": 8, "latent_dim": 32, "num_heads": 2} if size == "tiny" else {}  # base: the paper's
         config = MCIHNConfig(input_dims={m: spec[m].dim for m in MODALITIES},
                              seq_lens={m: spec[m].seq_len for m in MODALITIES},
-                             latent_len=8, latent_dim=32, num_heads=2, head="classification", labels=DEMO_LABELS)
+                             head="classification", labels=DEMO_LABELS, **sizes)
         torch.manual_seed(0)
         save_checkpoint(checkpoint, MCIHN(config).eval(), spec,
                         {"untrained": True, "note": "random weights for the demo: the scores mean nothing"})

@@ -51,6 +51,7 @@ class LiveConfig:
 
     checkpoint: str | None = None
     demo: bool = False
+    demo_size: str = "tiny"  # "base": the paper's architectures with random weights (mcihn bench --size base)
     source: str | None = None
     camera: int | str = 0
     mic: int | str | None = None
@@ -116,7 +117,8 @@ def load_stack(config: LiveConfig) -> Stack:
     if config.demo:
         from realtime.demo import prepare_demo
 
-        demo = prepare_demo(Path(config.cache_dir).expanduser() / "demo")
+        folder = "demo" if config.demo_size == "tiny" else f"demo-{config.demo_size}"
+        demo = prepare_demo(Path(config.cache_dir).expanduser() / folder, config.demo_size)
         checkpoint_dir = demo.checkpoint
         asr_options = replace(asr_options, model=str(demo.whisper), language="en")
     else:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools import bench_models, build, extract, extract_text
+from tools import bench, bench_models, build, extract, extract_text
 
 EXAMPLES = """examples:
   mcihn train --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --out runs/mosi --seeds 5
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     extract.add_parser(sub)
     extract_text.add_parser(sub)
+    bench.add_parser(sub)
     bench_models.add_parser(sub)
     build.add_parser(sub)
 
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "baseline": cmd_baseline, "demo": cmd_demo,
                 "extract-text": extract_text.run, "bench-models": bench_models.run,
-                "build": build.run, "extract": extract.run}
+                "build": build.run, "extract": extract.run, "bench": bench.run}
     try:
         return handlers[args.command](args)
     except (DataError, CheckpointError, SpecMismatchError, ModelNotAvailableError, ValueError,

@@ -1,0 +1,72 @@
+"""`mcihn bench`: its statistics on synthetic timings, and one short end-to-end run on tiny models (no timed
+assertions: only that everything is measured and reported)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tools.bench import LatencyStats, Slope, format_report, summarize
+
+
+def synthetic_events(n: int, hop: float = 0.25, growth_ms_per_s: float = 0.0) -> list[dict]:
+    rng = np.random.default_rng(0)
+    events = []
+    for i in range(n):
+        t = 1000.0 + i * hop
+        events.append({
+            "seq": i, "t_mono": t, "skipped_ticks": i // 10, "dropped_frames": i // 4,
+            "latency_ms": {"capture_to_emit": 50.0 + growth_ms_per_s * i * hop + rng.uniform(0, 1),
+                           "fusion": float(i % 100), **({"asr": 400.0} if i % 2 else {})},
+        })
+    return events
+
+
+def test_latency_percentiles_hand_case():
+    stats = LatencyStats.of(range(1, 101))  # 1..100 ms
+    assert (stats.count, stats.p50, stats.max, stats.mean) == (100, 50.5, 100.0, 50.5)
+    assert stats.p95 == pytest.approx(95.05) and stats.p99 == pytest.approx(99.01)
+    empty = LatencyStats.of([])
+    assert empty.count == 0 and math.isnan(empty.p50)
+
+
+def test_slope_per_minute():
+    t = np.arange(0, 600, 1.0)
+    slope = Slope.of(t, 100 + 0.5 * t)  # +0.5 MB/s = +30 MB/min
+    assert slope.per_min == pytest.approx(30.0) and slope.start == pytest.approx(100) and slope.end > 399
+    assert Slope.of([0.0], [5.0]).per_min == 0.0
+
+
+def test_summarize_rates_stages_and_slopes():
+    events = synthetic_events(401, growth_ms_per_s=0.1)  # 100 s at 4/s, latency growing 6 ms/min
+    report = summarize(events, duration_s=100.0, hop_s=0.25, commit_lags_s=[0.5, 1.0, 1.5], backend="x",
+                       cpu_s=50.0, peak_rss_mb=700.0, rss_samples=[(t, 600.0 + 0.01 * t) for t in range(100)])
+    assert report.requested_hz == 4.0 and report.achieved_hz == pytest.approx(4.0)
+    assert report.events == 401 and report.skipped_ticks == 40 and report.dropped_frames == 100
+    assert report.stages["fusion"].max == 99.0 and report.stages["asr"].count == 200
+    assert report.stages["vision"].count == 0  # a stage that never ran
+    assert report.asr_commit_lag_ms.p50 == pytest.approx(1000.0)
+    assert report.cpu_percent == pytest.approx(50.0)
+    assert report.latency_slope.per_min == pytest.approx(6.0, abs=0.3)
+    assert report.rss_slope.per_min == pytest.approx(0.6)
+    table = format_report([report, summarize(synthetic_events(41), 10.0, 0.25, [], "y")])
+    assert "updates/s (requested)" in table and "4.00 (4.00)" in table and "1.00x" in table
+
+
+def test_bench_tiny_end_to_end(tmp_path, capsys):
+    from tools.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--size", "tiny", "--duration", "4", "--backends", "torch,onnxruntime",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    runs = {r["backend"]: r for r in report["runs"]}
+    assert set(runs) == {"torch", "onnxruntime"}
+    for r in runs.values():
+        assert r["events"] >= 8 and r["stages"]["capture_to_emit"]["count"] == r["events"]
+        assert r["stages"]["fusion"]["count"] == r["events"] and r["peak_rss_mb"] > 0 and r["cpu_percent"] > 0
+    assert (out / "latency.png").stat().st_size > 10_000
+    assert "p50 capture->emit ratio" in capsys.readouterr().out

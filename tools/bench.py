@@ -1,0 +1,290 @@
+"""`mcihn bench`: the full live pipeline (the same Recognizer as `mcihn-live`) replaying a fixed clip paced like
+a live camera and microphone, measured the way a researcher would: per-stage latency percentiles, updates per
+second achieved against requested, skipped ticks, dropped frames, ASR commit lag, CPU use, memory.
+
+Several backends run one after the other in the same invocation and are compared side by side (ratios of
+p50 capture->emit). `--soak` runs 10 minutes and reports the slope of latency and memory over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+EXAMPLE = """examples:
+  mcihn bench --size tiny --duration 20                      # seconds, after `make demo`
+  mcihn bench --size base --backends torch,onnxruntime --duration 60 --out runs/bench-base
+  mcihn bench --size base --backends onnxruntime --soak --out runs/soak
+  mcihn bench --checkpoint runs/sims/seed_0 --clip interview.mp4
+"""
+
+STAGES = ("capture_to_emit", "vision", "vad", "audio", "text", "fusion", "asr")
+
+
+@dataclass
+class LatencyStats:
+    """Percentiles of one stage's latencies in ms (NaN when the stage never ran)."""
+
+    count: int
+    p50: float
+    p95: float
+    p99: float
+    max: float
+    mean: float
+
+    @classmethod
+    def of(cls, values) -> LatencyStats:
+        x = np.asarray(list(values), dtype=np.float64)
+        if x.size == 0:
+            return cls(0, *([float("nan")] * 5))
+        p50, p95, p99 = np.percentile(x, [50, 95, 99])
+        return cls(int(x.size), float(p50), float(p95), float(p99), float(x.max()), float(x.mean()))
+
+
+@dataclass
+class Slope:
+    """A least-squares line over time: `per_min` units per minute, and the total change it implies."""
+
+    per_min: float
+    start: float
+    end: float
+
+    @classmethod
+    def of(cls, t_s, values) -> Slope:
+        t, v = np.asarray(t_s, np.float64), np.asarray(values, np.float64)
+        if t.size < 2 or np.ptp(t) == 0:
+            return cls(0.0, float(v[0]) if v.size else float("nan"), float(v[-1]) if v.size else float("nan"))
+        slope, intercept = np.polyfit(t, v, 1)
+        return cls(float(slope * 60), float(intercept + slope * t[0]), float(intercept + slope * t[-1]))
+
+
+@dataclass
+class RunReport:
+    backend: str
+    duration_s: float
+    requested_hz: float
+    achieved_hz: float
+    events: int
+    skipped_ticks: int
+    dropped_frames: int
+    stages: dict[str, LatencyStats]
+    asr_commit_lag_ms: LatencyStats
+    cpu_percent: float  # process CPU time / wall time (200 % = both cores busy)
+    peak_rss_mb: float
+    gpu_peak_mb: float | None
+    latency_slope: Slope | None = None  # capture_to_emit ms over time (soak)
+    rss_slope: Slope | None = None  # RSS MB over time (soak)
+    timeline: dict[str, list[float]] = field(default_factory=dict)  # t_s, capture_to_emit, rss_mb
+
+
+def summarize(events: list[dict], duration_s: float, hop_s: float, commit_lags_s: list[float],
+              backend: str = "", cpu_s: float = 0.0, peak_rss_mb: float = 0.0, gpu_peak_mb: float | None = None,
+              rss_samples: list[tuple[float, float]] | None = None) -> RunReport:
+    """Statistics of one run from its events (dicts as in docs/events.md), wall duration and side samples."""
+    values = {s: [e["latency_ms"][s] for e in events if s in e["latency_ms"]] for s in STAGES}
+    stages = {s: LatencyStats.of(v) for s, v in values.items()}
+    t0 = events[0]["t_mono"] if events else 0.0
+    t = [e["t_mono"] - t0 for e in events]
+    c2e = [e["latency_ms"]["capture_to_emit"] for e in events]
+    rss_samples = rss_samples or []
+    span = (events[-1]["t_mono"] - t0) if len(events) > 1 else 0.0
+    return RunReport(
+        backend=backend, duration_s=duration_s, requested_hz=1.0 / hop_s,
+        achieved_hz=(len(events) - 1) / span if span > 0 else 0.0, events=len(events),
+        skipped_ticks=events[-1]["skipped_ticks"] if events else 0,
+        dropped_frames=events[-1]["dropped_frames"] if events else 0,
+        stages=stages, asr_commit_lag_ms=LatencyStats.of(1e3 * x for x in commit_lags_s),
+        cpu_percent=100.0 * cpu_s / duration_s if duration_s > 0 else 0.0, peak_rss_mb=peak_rss_mb,
+        gpu_peak_mb=gpu_peak_mb,
+        latency_slope=Slope.of(t, c2e) if events else None,
+        rss_slope=Slope.of([s[0] for s in rss_samples], [s[1] for s in rss_samples]) if rss_samples else None,
+        timeline={"t_s": t, "capture_to_emit_ms": c2e, "rss_t_s": [s[0] for s in rss_samples],
+                  "rss_mb": [s[1] for s in rss_samples], **{f"stage:{s}": v for s, v in values.items()}},
+    )
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc; the peak from getrusage elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_rss()
+
+
+def peak_rss() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="latency of the whole live pipeline on a replayed clip",
+                              epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="tiny", choices=("tiny", "base"),
+                   help="stand-in models: tiny (tests) or base (the paper's architectures, random weights)")
+    p.add_argument("--checkpoint", help="a real checkpoint instead of stand-ins (its extractors must be cached)")
+    p.add_argument("--clip", help="the clip to replay (default: the bundled demo clip, looped)")
+    p.add_argument("--backends", default="onnxruntime", help="comma list: torch, onnxruntime, tensorrt, auto")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is a GPU)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per backend")
+    p.add_argument("--soak", action="store_true", help="10 minutes per backend; reports latency/memory slopes")
+    p.add_argument("--hop", type=float, default=0.25, help="seconds between updates (0.25: 4 updates/s)")
+    p.add_argument("--asr-model", default=None, help="faster-whisper model (default: the stand-in of --size)")
+    p.add_argument("--no-asr", action="store_true")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mcihn-live"))
+    p.add_argument("--out", default="runs/bench", help="folder for report.json and latency.png")
+
+
+def run_one(args, backend: str, duration: float, progress) -> RunReport:
+    """One pipeline run with `backend` for `duration` seconds of live-paced replay."""
+    from realtime.asr import AsrOptions
+    from realtime.recognizer import LiveConfig, Recognizer
+
+    asr = AsrOptions(model=args.asr_model) if args.asr_model else AsrOptions()
+    config = LiveConfig(checkpoint=args.checkpoint, demo=args.checkpoint is None, demo_size=args.size,
+                        source=args.clip, loop=True, hop_s=args.hop, backend=backend, device=args.device,
+                        use_asr=not args.no_asr, asr=asr, cache_dir=args.cache_dir)
+    events: list[dict] = []
+    rec = Recognizer(config)
+    rec.on_event(lambda e: events.append(e.to_dict()))
+    rec.start()  # loading and engine building happen here, outside the measured time
+    rss_samples: list[tuple[float, float]] = []
+    try:
+        cpu0, t0 = time.process_time(), time.monotonic()
+        while (elapsed := time.monotonic() - t0) < duration:
+            rss_samples.append((elapsed, rss_mb()))
+            progress(backend, elapsed, duration, rec.latest_event)
+            time.sleep(min(1.0, duration - elapsed) if duration - elapsed > 0 else 0)
+            if rec.ticker.error is not None:
+                raise rec.ticker.error
+        cpu_s, wall = time.process_time() - cpu0, time.monotonic() - t0
+    finally:
+        rec.stop()
+    lags = [c.lag_s for c in rec.asr.commit_events()] if rec.asr is not None else []
+    gpu = None
+    if (args.device or "").startswith("cuda") or _cuda():
+        import torch
+
+        gpu = torch.cuda.max_memory_allocated() / 2**20
+    return summarize(events, wall, args.hop, lags, backend, cpu_s, peak_rss(), gpu, rss_samples)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def format_report(reports: list[RunReport]) -> str:
+    """The terminal table: one column per backend, ratios of p50 capture->emit against the first."""
+    lines = []
+    head = f"{'':28s}" + "".join(f"{r.backend:>26s}" for r in reports)
+    lines.append(head)
+    base = reports[0].stages["capture_to_emit"].p50 if reports else float("nan")
+
+    def row(label: str, cells: list[str]) -> None:
+        lines.append(f"{label:28s}" + "".join(f"{c:>26s}" for c in cells))
+
+    row("updates/s (requested)", [f"{r.achieved_hz:.2f} ({r.requested_hz:.2f})" for r in reports])
+    row("events / skipped ticks", [f"{r.events} / {r.skipped_ticks}" for r in reports])
+    row("frames dropped", [f"{r.dropped_frames}" for r in reports])
+    for stage in STAGES:
+        row(f"{stage} ms p50/p95/p99/max", [
+            "-" if r.stages[stage].count == 0 else
+            f"{r.stages[stage].p50:.0f}/{r.stages[stage].p95:.0f}/{r.stages[stage].p99:.0f}/{r.stages[stage].max:.0f}"
+            for r in reports])
+    row("ASR commit lag ms p50/p95", ["-" if r.asr_commit_lag_ms.count == 0 else
+                                      f"{r.asr_commit_lag_ms.p50:.0f}/{r.asr_commit_lag_ms.p95:.0f}" for r in reports])
+    row("CPU % (2 cores = 200)", [f"{r.cpu_percent:.0f}" for r in reports])
+    row("peak RSS MB", [f"{r.peak_rss_mb:.0f}" for r in reports])
+    if any(r.gpu_peak_mb is not None for r in reports):
+        row("GPU peak MB", ["-" if r.gpu_peak_mb is None else f"{r.gpu_peak_mb:.0f}" for r in reports])
+    if any(r.duration_s >= 120 for r in reports):
+        row("latency slope ms/min", [f"{r.latency_slope.per_min:+.2f}" if r.latency_slope else "-" for r in reports])
+        row("RSS slope MB/min", [f"{r.rss_slope.per_min:+.2f}" if r.rss_slope else "-" for r in reports])
+    row("p50 capture->emit ratio", [f"{r.stages['capture_to_emit'].p50 / base:.2f}x" for r in reports])
+    return "\n".join(lines)
+
+
+def plot(reports: list[RunReport], path: Path) -> Path | None:
+    """latency.png: per-stage distributions (box plots) and capture->emit over time, one colour per backend."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("mcihn bench: no PNG (matplotlib missing: pip install 'mcihn-live[bench]')", file=sys.stderr)
+        return None
+    fig, (ax_box, ax_time) = plt.subplots(1, 2, figsize=(13, 4.8))
+    stages = [s for s in STAGES if any(r.stages[s].count for r in reports)]
+    width = 0.8 / max(len(reports), 1)
+    for i, r in enumerate(reports):
+        data = [r.timeline.get(f"stage:{s}") or [np.nan] for s in stages]
+        pos = np.arange(len(stages)) + (i - (len(reports) - 1) / 2) * width
+        box = ax_box.boxplot(data, positions=pos, widths=width * 0.9, showfliers=False, patch_artist=True)
+        for patch in box["boxes"]:
+            patch.set_facecolor(f"C{i}")
+            patch.set_alpha(0.6)
+        ax_time.plot(r.timeline["t_s"], r.timeline["capture_to_emit_ms"], color=f"C{i}", lw=0.8, label=r.backend)
+    ax_box.set_xticks(range(len(stages)), stages, rotation=30)
+    ax_box.set_ylabel("ms")
+    ax_box.set_yscale("log")
+    ax_box.set_title("latency per stage (box: p25-p75, whiskers 1.5 IQR)")
+    ax_time.set_xlabel("seconds")
+    ax_time.set_ylabel("capture -> emit, ms")
+    ax_time.set_title("latency over time")
+    ax_time.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(args) -> int:
+    from tqdm.auto import tqdm
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    duration = 600.0 if args.soak else args.duration
+    if duration <= 0:
+        raise ValueError("--duration must be positive")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=duration * len(backends), unit="s", desc="bench", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")
+    done = {"s": 0.0}
+
+    def progress(backend: str, elapsed: float, total: float, event) -> None:
+        bar.set_description(f"bench {backend}")
+        bar.update(max(0.0, elapsed - done["s"]))
+        done["s"] = elapsed
+        if event is not None:
+            bar.set_postfix(latency=f"{event.latency_ms['capture_to_emit']:.0f}ms", seq=event.seq)
+
+    reports: list[RunReport] = []
+    for backend in backends:
+        done["s"] = 0.0
+        reports.append(run_one(args, backend, duration, progress))
+    bar.close()
+    text = format_report(reports)
+    print(text)
+    meta = {"size": args.size, "checkpoint": args.checkpoint, "clip": args.clip or "realtime/assets/demo.mp4",
+            "hop_s": args.hop, "duration_s": duration, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version()}
+    report_path = out / "report.json"
+    report_path.write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in reports]}, indent=1))
+    png = plot(reports, out / "latency.png")
+    print(f"mcihn bench: wrote {report_path}" + (f" and {png}" if png else ""), file=sys.stderr)
+    return 0
+
