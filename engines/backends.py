@@ -264,6 +264,9 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+            # A thread budget means the CPU is shared with other workers (the live pipeline): idle pool threads
+            # must sleep, not spin-wait on cores that the ASR or the other extractors need.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only; provider fallbacks are reported by describe()
         self.onnx_path = Path(onnx_path)
         self.session = ort.InferenceSession(str(self.onnx_path), sess_options=options,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--window", type=float, default=2.56, help="seconds of audio and video per update")
     run.add_argument("--backend", default="auto", help="auto | torch | onnxruntime | tensorrt")
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is a GPU)")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads per worker (vision, updates, ASR); default: half the cores")
     run.add_argument("--vision-model", help="load the checkpoint's vision model from this folder instead")
     run.add_argument("--text-model", help="load the checkpoint's text model from this folder instead")
     run.add_argument("--audio-model", help="load the checkpoint's audio model from this folder instead")
@@ -76,7 +79,8 @@ def config_from_args(args):
         checkpoint=args.checkpoint, demo=args.demo, source=args.source, camera=camera, mic=mic, width=args.width,
         height=args.height, fps=args.fps, use_camera=not args.no_camera, use_mic=not args.no_mic,
         use_asr=not args.no_asr, speed=args.speed, loop=args.loop, hop_s=args.hop, window_s=args.window,
-        backend=args.backend, device=args.device, vision_model=args.vision_model, text_model=args.text_model,
+        backend=args.backend, device=args.device, threads=args.threads, vision_model=args.vision_model,
+        text_model=args.text_model,
         audio_model=args.audio_model, asr=asr, jsonl=args.jsonl, ws=args.ws, osc=args.osc, lsl=args.lsl,
         record=args.record, cache_dir=args.cache_dir or str(DEFAULT_CACHE),
     )
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     expected = (ConfigError, CheckpointError, SpecMismatchError, ModelNotAvailableError, SourceError, SinkError,
                 BackendUnavailableError, ValueError, FileNotFoundError)
-    rec = None
+    rec, code = None, 0
     # SIGTERM (a supervisor, a closed terminal) shuts down like Ctrl+C: outputs flushed, threads joined.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -155,14 +159,20 @@ def main(argv: list[str] | None = None) -> int:
         run_session(rec, overlay, args.duration, args.quiet)
     except expected as err:
         print(f"mcihn-live: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("mcihn-live: stopping", file=sys.stderr)
     finally:
         if rec is not None:
             rec.stop(timeout=2.0)
             _summary(rec)
-    return 0
+            if rec.lingering():
+                # An ASR pass is still running in native code: outputs are flushed, so leave now rather than
+                # wait for it (Ctrl+C must take 2 s) or let interpreter shutdown run under it (it can abort).
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+    return code
 
 
 def _summary(rec) -> None:

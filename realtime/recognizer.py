@@ -67,6 +67,7 @@ class LiveConfig:
     window_s: float = 2.56
     backend: str = "auto"
     device: str | None = None
+    threads: int | None = None  # CPU threads per worker (vision, tick, ASR); None: half the cores, at least 1
     vision_model: str | None = None
     text_model: str | None = None
     audio_model: str | None = None
@@ -137,13 +138,40 @@ def load_stack(config: LiveConfig) -> Stack:
     else:
         check_extractors(ckpt.spec, extractors)
     cache = Path(config.cache_dir).expanduser() / "engines"
+    threads = cpu_thread_budget(config)
+    if threads is not None and asr_options.threads == 0:
+        asr_options = replace(asr_options, threads=threads)
     for extractor in extractors.values():
-        extractor.use_backend(create_backend(extractor.engine_model(), config.backend, config.device, cache_dir=cache))
+        extractor.use_backend(create_backend(extractor.engine_model(), config.backend, config.device, cache_dir=cache,
+                                             threads=threads))
     model = ckpt.model
-    fusion = create_backend(mcihn_engine_model(model), config.backend, config.device, cache_dir=cache)
+    fusion = create_backend(mcihn_engine_model(model), config.backend, config.device, cache_dir=cache,
+                            threads=threads)
     cfg = model.config
     return Stack(extractors, fusion, cfg.head, list(cfg.labels), dict(cfg.seq_lens), dict(cfg.input_dims),
                  tuple(cfg.modalities), bool(ckpt.metadata.get("untrained", False)), asr_options)
+
+
+def cpu_thread_budget(config: LiveConfig) -> int | None:
+    """CPU threads for each of the three busy workers (vision, tick, ASR), or None on a GPU.
+
+    Each library defaults to all cores (CTranslate2 even to 4): three workers doing so on a 2-core machine
+    oversubscribe it several times over, and every stage slows down (docs/benchmarks.md). Half the cores each
+    (at least one) keeps the workers out of each other's way; torch and OpenCV are set process-wide.
+    """
+    import os
+
+    from engines.backends import cuda_available
+
+    if (config.device or ("cuda" if cuda_available() else "cpu")).startswith("cuda"):
+        return None
+    threads = config.threads or max(1, (os.cpu_count() or 2) // 2)
+    import cv2
+    import torch
+
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    return threads
 
 
 def _spec_of(extractors: dict):
@@ -317,6 +345,20 @@ class Recognizer:
             self._events.put_nowait(None)  # ends iteration
         except queue.Full:
             pass
+
+    @staticmethod
+    def lingering() -> list[threading.Thread]:
+        """Worker threads still running after stop(): an ASR pass cannot be interrupted, so the ASR thread may
+        finish its pass (up to a few seconds on a slow CPU) after stop() has returned."""
+        return [t for t in threading.enumerate() if t.name.startswith("mcihn-") and t.is_alive()]
+
+    def join(self, timeout: float = 30.0) -> bool:
+        """Wait for lingering worker threads (see `lingering`); True when none is left. Call it before the
+        interpreter exits: a native library still running in a thread while Python shuts down can abort it."""
+        deadline = time.monotonic() + timeout
+        for thread in self.lingering():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not self.lingering()
 
     def __enter__(self) -> Recognizer:
         return self.start()

@@ -138,6 +138,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--duration", type=float, default=30.0, help="seconds per backend")
     p.add_argument("--soak", action="store_true", help="10 minutes per backend; reports latency/memory slopes")
     p.add_argument("--hop", type=float, default=0.25, help="seconds between updates (0.25: 4 updates/s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: half the cores)")
     p.add_argument("--asr-model", default=None, help="faster-whisper model (default: the stand-in of --size)")
     p.add_argument("--no-asr", action="store_true")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mcihn-live"))
@@ -152,6 +153,7 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
     asr = AsrOptions(model=args.asr_model) if args.asr_model else AsrOptions()
     config = LiveConfig(checkpoint=args.checkpoint, demo=args.checkpoint is None, demo_size=args.size,
                         source=args.clip, loop=True, hop_s=args.hop, backend=backend, device=args.device,
+                        threads=args.threads,
                         use_asr=not args.no_asr, asr=asr, cache_dir=args.cache_dir)
     events: list[dict] = []
     rec = Recognizer(config)
@@ -169,6 +171,7 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
         cpu_s, wall = time.process_time() - cpu0, time.monotonic() - t0
     finally:
         rec.stop()
+        rec.join(60)  # let a running ASR pass end: the next backend's run must not share the CPU with it
     lags = [c.lag_s for c in rec.asr.commit_events()] if rec.asr is not None else []
     gpu = None
     if (args.device or "").startswith("cuda") or _cuda():
