@@ -52,8 +52,19 @@ def test_summarize_rates_stages_and_slopes():
     assert report.cpu_percent == pytest.approx(50.0)
     assert report.latency_slope.per_min == pytest.approx(6.0, abs=0.3)
     assert report.rss_slope.per_min == pytest.approx(0.6)
+    assert report.rss_floor_slope is None  # under three minutes
     table = format_report([report, summarize(synthetic_events(41), 10.0, 0.25, [], "y")])
     assert "updates/s (requested)" in table and "4.00 (4.00)" in table and "1.00x" in table
+
+
+def test_rss_floor_slope_ignores_peaks_and_warm_up():
+    from tools.bench import floor_slope
+
+    # 10 minutes: 2700 MB in the first minute (warm-up), then a flat 2950 MB floor with 100 MB peaks.
+    samples = [(t, (2700.0 if t < 60 else 2950.0) + (100.0 if t % 30 == 0 else 0.0)) for t in range(600)]
+    assert floor_slope(samples).per_min == pytest.approx(0.0)
+    growing = [(t, 1000.0 + t / 60) for t in range(600)]  # a real leak: 1 MB/min
+    assert floor_slope(growing).per_min == pytest.approx(1.0)
 
 
 def test_bench_tiny_end_to_end(tmp_path, capsys):

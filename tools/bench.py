@@ -83,6 +83,9 @@ class RunReport:
     gpu_peak_mb: float | None
     latency_slope: Slope | None = None  # capture_to_emit ms over time (soak)
     rss_slope: Slope | None = None  # RSS MB over time (soak)
+    # The same over the per-minute minima after the first minute: transient peaks (an ASR pass's buffers) and
+    # warm-up (allocator arenas, lazily built kernels) do not pass for a leak.
+    rss_floor_slope: Slope | None = None
     timeline: dict[str, list[float]] = field(default_factory=dict)  # t_s, capture_to_emit, rss_mb
 
 
@@ -107,9 +110,20 @@ def summarize(events: list[dict], duration_s: float, hop_s: float, commit_lags_s
         gpu_peak_mb=gpu_peak_mb,
         latency_slope=Slope.of(t, c2e) if events else None,
         rss_slope=Slope.of([s[0] for s in rss_samples], [s[1] for s in rss_samples]) if rss_samples else None,
+        rss_floor_slope=floor_slope(rss_samples),
         timeline={"t_s": t, "capture_to_emit_ms": c2e, "rss_t_s": [s[0] for s in rss_samples],
                   "rss_mb": [s[1] for s in rss_samples], **{f"stage:{s}": v for s, v in values.items()}},
     )
+
+
+def floor_slope(samples: list[tuple[float, float]], window_s: float = 60.0) -> Slope | None:
+    """Slope of the per-window minima of (t, value) samples, skipping the first window; None under 3 windows."""
+    if not samples or samples[-1][0] < 3 * window_s:
+        return None
+    t, v = np.asarray(samples, np.float64).T
+    k = (t // window_s).astype(int)
+    keys = [i for i in np.unique(k) if i > 0]
+    return Slope.of([i * window_s + window_s / 2 for i in keys], [v[k == i].min() for i in keys])
 
 
 def rss_mb() -> float:
@@ -217,6 +231,8 @@ def format_report(reports: list[RunReport]) -> str:
     if any(r.duration_s >= 120 for r in reports):
         row("latency slope ms/min", [f"{r.latency_slope.per_min:+.2f}" if r.latency_slope else "-" for r in reports])
         row("RSS slope MB/min", [f"{r.rss_slope.per_min:+.2f}" if r.rss_slope else "-" for r in reports])
+        row("RSS floor slope MB/min", [f"{r.rss_floor_slope.per_min:+.2f}" if r.rss_floor_slope else "-"
+                                       for r in reports])
     row("p50 capture->emit ratio", [f"{r.stages['capture_to_emit'].p50 / base:.2f}x" for r in reports])
     return "\n".join(lines)
 
