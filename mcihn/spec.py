@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 MODALITIES: tuple[str, ...] = ("vision", "text", "audio")
+# The extractor name of a modality that was never extracted (e.g. text-only features): always absent.
+NOT_EXTRACTED = "absent"
 
 
 class SpecMismatchError(ValueError):

@@ -111,8 +111,9 @@ def load_stack(config: LiveConfig) -> Stack:
     """Load the checkpoint (or build the demo's), its extractors (checked against its feature spec) and backends."""
     from engines.backends import create_backend
     from engines.export import mcihn_engine_model
-    from engines.extractors import ExtractorOptions, build_extractors, check_extractors
+    from engines.extractors import ExtractorOptions, build_extractor
     from mcihn.checkpoint import load_checkpoint
+    from mcihn.spec import NOT_EXTRACTED
 
     asr_options = config.asr
     if config.demo:
@@ -131,12 +132,12 @@ def load_stack(config: LiveConfig) -> Stack:
     options = ExtractorOptions.from_spec(ckpt.spec)
     overridden = {m: path for m in ("vision", "text", "audio") if (path := getattr(config, f"{m}_model"))}
     options = replace(options, **overridden)
-    extractors = build_extractors(options)
-    if overridden:
-        # The models come from elsewhere (a local copy): ids and revisions cannot match, the rest must.
-        ckpt.check_features(_without_identity(_spec_of(extractors), ckpt.spec, overridden), what="the extractors given")
-    else:
-        check_extractors(ckpt.spec, extractors)
+    # Modalities the checkpoint was trained without (text-only features, say) stay absent live too.
+    used = tuple(m for m in ckpt.model.config.modalities if ckpt.spec[m].extractor != NOT_EXTRACTED)
+    extractors = {m: build_extractor(m, options) for m in used}
+    offered = {m: extractors[m].spec if m in extractors else ckpt.spec[m] for m in ("vision", "text", "audio")}
+    # Models loaded from elsewhere (a local copy): their ids and revisions cannot match, the rest must.
+    ckpt.check_features(_without_identity(offered, ckpt.spec, overridden), what="the extractors given")
     cache = Path(config.cache_dir).expanduser() / "engines"
     threads = cpu_thread_budget(config)
     if threads is not None and asr_options.threads == 0:
@@ -149,7 +150,7 @@ def load_stack(config: LiveConfig) -> Stack:
                             threads=threads)
     cfg = model.config
     return Stack(extractors, fusion, cfg.head, list(cfg.labels), dict(cfg.seq_lens), dict(cfg.input_dims),
-                 tuple(cfg.modalities), bool(ckpt.metadata.get("untrained", False)), asr_options)
+                 used, bool(ckpt.metadata.get("untrained", False)), asr_options)
 
 
 def cpu_thread_budget(config: LiveConfig) -> int | None:
@@ -174,17 +175,12 @@ def cpu_thread_budget(config: LiveConfig) -> int | None:
     return threads
 
 
-def _spec_of(extractors: dict):
-    from engines.extractors import extractors_spec
-
-    return extractors_spec(extractors)
-
-
-def _without_identity(offered, reference, overridden: dict):
-    """`offered` with the model id and revision of overridden modalities copied from `reference`."""
+def _without_identity(offered: dict, reference, overridden: dict):
+    """The offered specs as a FeatureSpec, with the model id and revision of overridden modalities copied from
+    `reference` (the checkpoint's)."""
     from mcihn.spec import FeatureSpec
 
-    parts = {m: offered[m] for m in ("vision", "text", "audio")}
+    parts = dict(offered)
     for m in overridden:
         parts[m] = replace(parts[m], extractor=reference[m].extractor, revision=reference[m].revision)
     return FeatureSpec(**parts)
@@ -444,10 +440,10 @@ class Recognizer:
                                              feats["vision"].length)
 
         samples, t_end = self.ring.read_last(self.config.window_s)
+        if t_end is not None and len(samples):
+            newest_capture.append(t_end)  # the audio, or the speech the text comes from
         if "audio" in stack.modalities:
             feats["audio"], presence.audio = self._audio_features(samples, latency)
-            if t_end is not None and len(samples):
-                newest_capture.append(t_end)
 
         if self.text_window is not None:
             committed = self.asr.text_window() if self.asr is not None else ""

@@ -327,3 +327,30 @@ def test_overlay_window_under_xvfb(cache, tmp_path):
     finally:
         xvfb.terminate()
         xvfb.wait(5)
+
+
+def test_checkpoint_without_some_modalities_runs_them_absent(cache, tmp_path):
+    """A checkpoint trained on text-only features (vision and audio never extracted, as `mcihn extract-text`
+    writes) runs live with vision and audio absent, whatever the camera and microphone deliver."""
+    from skimage.data import astronaut
+
+    config = json.loads((cache / "demo" / "checkpoint" / "config.json").read_text())
+    for m in ("vision", "audio"):
+        config["feature_spec"][m]["extractor"] = "absent"
+    ckpt = tmp_path / "text-only"
+    shutil.copytree(cache / "demo" / "checkpoint", ckpt)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    face = cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR)
+    with Recognizer(LiveConfig(checkpoint=str(ckpt), cache_dir=str(cache), backend="torch", source="push",
+                               hop_s=0.1, use_asr=False)) as rec:
+        assert set(rec.stack.extractors) == {"text"}
+        events = []
+        for _ in range(8):
+            rec.push_frame(face)
+            rec.push_audio(np.zeros(1600, np.float32), 16_000)
+            time.sleep(0.1)
+        for event in rec:
+            events.append(event)
+            if len(events) == 4:
+                break
+    assert all(not e.presence.vision.present and not e.presence.audio.present for e in events)

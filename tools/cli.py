@@ -1,4 +1,5 @@
-"""`mcihn`: offline commands (train, eval, baseline, demo). Expected faults print one line and exit 2."""
+"""`mcihn`: offline commands (train, eval, baseline, extract, extract-text, build, bench, bench-models, demo).
+Expected faults print one line and exit 2."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def minilm_path() -> str:
 def run(args) -> int:
     from engines.text import TextExtractor
     from mcihn.data import DataError, FeatureSet, FeatureSplit, load_dataset, save_feature_store
-    from mcihn.spec import FeatureSpec, ModalitySpec
+    from mcihn.spec import NOT_EXTRACTED, FeatureSpec, ModalitySpec
 
     data = load_dataset(args.data, args.format, allow_pickle=args.allow_pickle)
     missing = [name for name, split in data.splits.items() if split.texts is None]
@@ -54,7 +54,7 @@ def run(args) -> int:
         raise DataError(f"{args.data} has no transcripts for split(s) {', '.join(missing)}; extract-text needs them")
     model_id = minilm_path() if args.text == "minilm" else args.text
     extractor = TextExtractor(model_id, seq_len=args.tokens)
-    absent = ModalitySpec(dim=1, seq_len=1, extractor="absent", preprocessing="not extracted (text-only)")
+    absent = ModalitySpec(dim=1, seq_len=1, extractor=NOT_EXTRACTED, preprocessing="not extracted (text-only)")
     splits = {}
     total = sum(len(s) for s in data.splits.values())
     with tqdm(total=total, desc="text features", unit="utt") as bar:
