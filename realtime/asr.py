@@ -472,20 +472,27 @@ class AsrWorker:
         with self._lock:
             return join_words(self._tail)
 
+    def step(self) -> bool:
+        """Take the audio that arrived since the last step; run a pass once `min_chunk_s` of it has gathered.
+        True when a pass ran. The thread calls it in a loop; an offline driver may call it instead of start()."""
+        samples, t_end = self._get_audio(self._since)
+        if len(samples):
+            self.transcriber.insert_audio(samples, t_end)
+            self._new_s += len(samples) / SAMPLE_RATE
+        if t_end is not None:
+            self._since = t_end
+        if self._new_s < self.transcriber.options.min_chunk_s:
+            return False
+        self._new_s = 0.0
+        self._publish(self.transcriber.process())
+        return True
+
+    _new_s = 0.0  # seconds of audio inserted since the last pass
+
     def _run(self) -> None:
-        new_s = 0.0
         try:
             while not self._stop.is_set():
-                samples, t_end = self._get_audio(self._since)
-                if len(samples):
-                    self.transcriber.insert_audio(samples, t_end)
-                    new_s += len(samples) / SAMPLE_RATE
-                if t_end is not None:
-                    self._since = t_end
-                if new_s >= self.transcriber.options.min_chunk_s:
-                    new_s = 0.0
-                    self._publish(self.transcriber.process())
-                else:
+                if not self.step():
                     self._stop.wait(self._poll_s)
         except BaseException as err:  # noqa: BLE001 - reported, never swallowed: see the class docstring
             self.error = err

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--fps", type=float, help="camera frame rate to ask for")
     src.add_argument("--no-camera", action="store_true")
     src.add_argument("--no-mic", action="store_true")
-    src.add_argument("--speed", type=float, default=1.0, help="file source: replay speed (1 = live pace)")
+    src.add_argument("--speed", type=float, default=1.0,
+                     help="file source: replay speed (1 = live pace; 0 = as fast as possible, no tick skipped)")
     src.add_argument("--loop", action="store_true", help="file source: start over at the end")
     run = p.add_argument_group("processing")
     run.add_argument("--hop", type=float, default=0.25, help="seconds between updates (default 0.25: 4/s)")

@@ -42,7 +42,9 @@ class LiveConfig:
     """Everything `mcihn-live` can be told. Defaults run on a desktop with a camera and a microphone.
 
     source: "devices" (camera + microphone), "push" (the host feeds frames and audio: Recognizer.push_*), or a
-    video file / a folder written by `record`; None: the bundled clip with `demo`, else "devices".
+    video file / a folder written by `record`; None: the bundled clip with `demo`, else "devices". speed: a file
+    source's replay speed (1: live pace); 0: as fast as possible, stepping by media time, never skipping a tick
+    (offline scoring of a recording: capture_to_emit then measures in media time, without processing time).
     hop_s: one update per hop (0.25 s: 4 updates/s, the CPU budget
     of DESIGN.md). window_s: the audio window (2.56 s = Wav2Vec2's 128 frames) and the span of the vision
     window's frames. vision_model/text_model/audio_model: where to load the checkpoint's extractors from when
@@ -88,6 +90,10 @@ class LiveConfig:
             from realtime.demo import DEMO_CLIP
 
             self.source = str(DEMO_CLIP) if self.demo else "devices"
+        if self.speed < 0:
+            raise ConfigError(f"speed must be positive, or 0 for as fast as possible (got {self.speed})")
+        if self.speed == 0 and self.source in ("devices", "push"):
+            raise ConfigError("speed 0 (as fast as possible) is for a file source: pass --source FILE")
         if self.hop_s <= 0 or self.window_s <= 0:
             raise ConfigError(f"hop and window must be positive (got hop {self.hop_s} s, window {self.window_s} s)")
 
@@ -212,6 +218,11 @@ class Recognizer:
         self.latest_event: EmotionEvent | None = None
         self.events_dropped = 0
         self.started = False
+        self._fast = config.speed == 0  # offline stepping by media time (a file source only)
+        self._media_now = 0.0
+        self._now = (lambda: self._media_now) if self._fast else time.monotonic
+        self._offline_thread: threading.Thread | None = None
+        self._done = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -239,7 +250,11 @@ class Recognizer:
             self.stop()
             raise
         self.started = True
-        self.ticker = Ticker(cfg.hop_s / cfg.speed if self._file else cfg.hop_s, self._tick).start()
+        if self._fast:
+            self._offline_thread = threading.Thread(target=self._offline_loop, name="mcihn-offline", daemon=True)
+            self._offline_thread.start()
+        else:
+            self.ticker = Ticker(cfg.hop_s / cfg.speed if self._file else cfg.hop_s, self._tick).start()
         return self
 
     def _build_sinks(self) -> list:
@@ -285,6 +300,8 @@ class Recognizer:
             if not self.sources:
                 raise SourceError("no camera and no microphone could be opened; check the devices "
                                   "(mcihn-live --list-devices) or replay a file with --source PATH")
+        elif self._fast:
+            self._t_start = 0.0  # the offline loop reads the file itself, media time is the clock
         else:
             from realtime.file_source import FileSource
 
@@ -299,9 +316,10 @@ class Recognizer:
         if "vision" in stack.modalities and (cfg.source != "devices" or cfg.use_camera):
             vision = stack.extractors["vision"]
             self.vision_window = VisionWindow(stack.seq_lens["vision"], stack.dims["vision"], cfg.window_s)
-            self._vision_thread = threading.Thread(target=self._vision_loop, args=(vision,), name="mcihn-vision",
-                                                   daemon=True)
-            self._vision_thread.start()
+            if not self._fast:
+                self._vision_thread = threading.Thread(target=self._vision_loop, args=(vision,),
+                                                       name="mcihn-vision", daemon=True)
+                self._vision_thread.start()
         else:
             self.vision_window = None
         self.text_window = TextWindow(stack.extractors["text"]) if "text" in stack.modalities else None
@@ -309,8 +327,10 @@ class Recognizer:
         if cfg.use_asr and has_audio and self.text_window is not None:
             from realtime.asr import AsrWorker, StreamingTranscriber, ring_reader
 
-            transcriber = StreamingTranscriber(stack.asr_options)
-            self.asr = AsrWorker(transcriber, ring_reader(self.ring), on_error=self._asr_failed).start()
+            transcriber = StreamingTranscriber(stack.asr_options, clock=self._now)
+            self.asr = AsrWorker(transcriber, ring_reader(self.ring), on_error=self._asr_failed)
+            if not self._fast:
+                self.asr.start()  # offline, the loop steps it
 
     def _asr_failed(self, err: BaseException) -> None:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -327,6 +347,8 @@ class Recognizer:
         left = lambda: max(0.05, deadline - time.monotonic())  # noqa: E731
         if self.ticker is not None:
             self.ticker.stop(left() / 3)
+        if self._offline_thread is not None:
+            self._offline_thread.join(left() / 3)
         if self.asr is not None:
             self.asr.stop(left() / 3, flush=False)
         for source in self.sources:
@@ -380,6 +402,8 @@ class Recognizer:
         """A file source reached its end (and the last window was emitted), or the tick thread failed."""
         if self.ticker is not None and self.ticker.error is not None:
             return True
+        if self._done.is_set():
+            return True
         return self._file is not None and self._file.finished and self._emitted_after_end
 
     _emitted_after_end = False
@@ -412,19 +436,56 @@ class Recognizer:
             if time.monotonic() < next_due:
                 continue
             next_due = max(next_due + interval, time.monotonic() - interval)
-            start = time.perf_counter()
-            try:
-                emb = extractor.embed_frames([item.frame_bgr])
-            except Exception as err:  # noqa: BLE001 - one bad frame must not end vision
-                self._fault(f"vision extraction failed on a frame: {err}")
-                continue
-            embedding = emb.embeddings[0] if emb.present[0] else None
-            self.vision_window.add(EmbeddedFrame(item.t_capture, embedding, emb.boxes[0],
-                                                 (time.perf_counter() - start) * 1e3))
+            self._embed(extractor, item.frame_bgr, item.t_capture)
+
+    def _embed(self, extractor, frame: np.ndarray, t_capture: float) -> None:
+        """Embed one frame into the vision window (a failure on one frame is reported, vision goes on)."""
+        start = time.perf_counter()
+        try:
+            emb = extractor.embed_frames([frame])
+        except Exception as err:  # noqa: BLE001 - one bad frame must not end vision
+            self._fault(f"vision extraction failed on a frame: {err}")
+            return
+        embedding = emb.embeddings[0] if emb.present[0] else None
+        self.vision_window.add(EmbeddedFrame(t_capture, embedding, emb.boxes[0], (time.perf_counter() - start) * 1e3))
+
+    def _offline_loop(self) -> None:
+        """speed 0: read the file as fast as it decodes, embed a frame every window_s / seq_len of media time,
+        step the ASR on the audio, and tick at every hop of media time: nothing is skipped or dropped."""
+        from realtime.file_source import media_items
+
+        cfg = self.config
+        interval = cfg.window_s / self.vision_window.seq_len if self.vision_window is not None else None
+        next_vision, next_tick = 0.0, cfg.hop_s
+        try:
+            for t, kind, data in media_items(cfg.source):
+                if self._stop.is_set():
+                    return
+                self._media_now = max(self._media_now, t)
+                if kind == "video":
+                    self.latest_frame = data
+                    if interval is not None and t >= next_vision:
+                        self._embed(self.stack.extractors["vision"], data, t)
+                        next_vision += interval * max(1, int((t - next_vision) // interval) + 1)
+                else:
+                    self.ring.write(data, t)
+                    if self.asr is not None and self.asr.error is None:
+                        try:
+                            self.asr.step()
+                        except Exception as err:  # noqa: BLE001 - as the ASR thread: go on without text
+                            self.asr.error = err
+                            self._asr_failed(err)
+                while self._media_now >= next_tick:
+                    self._tick(next_tick)
+                    next_tick += cfg.hop_s
+        except Exception as err:  # noqa: BLE001 - reported like the tick thread's errors
+            self._fault(f"offline replay stopped: {err}")
+        finally:
+            self._done.set()
 
     def _tick(self, t_due: float) -> None:
         stack = self.stack
-        now = time.monotonic()
+        now = self._now()
         latency: dict[str, float] = {}
         feats: dict[str, Features] = {}
         newest_capture: list[float] = []
@@ -459,7 +520,7 @@ class Recognizer:
         scores = self._fuse(feats)
         latency["fusion"] = (time.perf_counter() - start) * 1e3
         t_emit = time.monotonic()
-        latency["capture_to_emit"] = (t_emit - max(newest_capture)) * 1e3 if newest_capture else 0.0
+        latency["capture_to_emit"] = (self._now() - max(newest_capture)) * 1e3 if newest_capture else 0.0
         t_media = (max(newest_capture) if newest_capture else now) - self._t_start
         if self._file is not None:
             t_media *= self.config.speed

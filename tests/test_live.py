@@ -354,3 +354,19 @@ def test_checkpoint_without_some_modalities_runs_them_absent(cache, tmp_path):
             if len(events) == 4:
                 break
     assert all(not e.presence.vision.present and not e.presence.audio.present for e in events)
+
+
+@needs_espeak
+def test_as_fast_as_possible_steps_by_media_time(clip, cache):
+    """speed 0: every hop of media time gets its event (none skipped), with face, voice and ASR text."""
+    rec, events = run_all(live_config(cache, source=str(clip), speed=0, hop_s=0.25))
+    assert rec.faults == [] and rec.ticker is None
+    with wave.open(str(clip.with_suffix(".wav"))) as w:
+        duration = w.getnframes() / w.getframerate() + 1.0  # the speech, then one second of blank
+    assert abs(len(events) - duration / 0.25) <= 2
+    assert [e.seq for e in events] == list(range(len(events))) and all(e.skipped_ticks == 0 for e in events)
+    steps = np.diff([e.t_media for e in events[4:]])
+    assert np.allclose(steps, 0.25, atol=0.07), steps  # the newest input advances one hop of media per event
+    assert sum(e.presence.vision.present for e in events) >= len(events) // 2
+    assert sum(e.presence.audio.voiced for e in events) >= len(events) // 3
+    assert any(e.presence.text.text for e in events)
