@@ -328,9 +328,17 @@ class Recognizer:
             from realtime.asr import AsrWorker, StreamingTranscriber, ring_reader
 
             transcriber = StreamingTranscriber(stack.asr_options, clock=self._now)
-            self.asr = AsrWorker(transcriber, ring_reader(self.ring), on_error=self._asr_failed)
+            self.asr = AsrWorker(transcriber, ring_reader(self.ring), on_error=self._asr_failed,
+                                 on_update=self._words_committed)
             if not self._fast:
                 self.asr.start()  # offline, the loop steps it
+
+    def _words_committed(self, update) -> None:
+        """On the ASR thread: re-encode the text window when words were committed."""
+        if update.new_words:
+            self.text_window.update(self.asr.text_window())
+
+    _text_version_seen = 0
 
     def _asr_failed(self, err: BaseException) -> None:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -507,10 +515,10 @@ class Recognizer:
             feats["audio"], presence.audio = self._audio_features(samples, latency)
 
         if self.text_window is not None:
-            committed = self.asr.text_window() if self.asr is not None else ""
-            start = time.perf_counter()
-            feats["text"], _ = self.text_window.features(committed)
-            latency["text"] = (time.perf_counter() - start) * 1e3
+            committed, feats["text"], version, encode_ms = self.text_window.latest()
+            if version != self._text_version_seen:  # new words: report their encode once (done on the ASR thread)
+                self._text_version_seen = version
+                latency["text"] = encode_ms
             presence.text = TextPresence(feats["text"].present, committed if feats["text"].present else "",
                                          feats["text"].length, self.asr.tail if self.asr is not None else "")
             if self.asr is not None and self.asr.last_pass_ms is not None:

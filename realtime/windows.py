@@ -8,6 +8,7 @@ The audio window is the AudioRing itself (realtime/buffers.py): its last W secon
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -51,24 +52,31 @@ class VisionWindow:
 
 
 class TextWindow:
-    """Text features of the committed words; the encoder runs only when the words change."""
+    """Text features of the committed words, encoded when the words change, by whoever changes them (the ASR
+    thread), so a tick only picks up the latest features: no encoder run on the tick path."""
 
     def __init__(self, extractor):
         self.extractor = extractor
-        self._text: str | None = None
-        self._features: Features | None = None
+        self._lock = threading.Lock()
+        self._text = ""
+        self._features: Features = extractor.extract("")  # absent (length 0) until words are committed
+        self._version = 0
         self.encode_ms = 0.0
         self.encodes = 0
 
-    def features(self, text: str) -> tuple[Features, float]:
-        """(features, milliseconds spent now: 0 when cached)."""
-        import time
-
-        if text == self._text and self._features is not None:
-            return self._features, 0.0
+    def update(self, text: str) -> None:
+        """Encode `text` if it differs from the current words (called on the ASR thread)."""
+        if text == self._text:
+            return
         start = time.perf_counter()
-        self._features = self.extractor.extract(text)
-        self._text = text
-        self.encode_ms = (time.perf_counter() - start) * 1e3
-        self.encodes += 1
-        return self._features, self.encode_ms
+        features = self.extractor.extract(text)
+        with self._lock:
+            self._text, self._features = text, features
+            self._version += 1
+            self.encode_ms = (time.perf_counter() - start) * 1e3
+            self.encodes += 1
+
+    def latest(self) -> tuple[str, Features, int, float]:
+        """(words, their features, version: +1 per encode, ms the encode took)."""
+        with self._lock:
+            return self._text, self._features, self._version, self.encode_ms
