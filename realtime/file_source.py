@@ -115,18 +115,30 @@ class FileSource(Source):
     def media_time(self, t_mono: float) -> float:
         return (t_mono - self.t0) * self.speed
 
+    # A looped file up to this size is kept decoded in memory: reopening it stalls delivery for a moment, which a
+    # benchmark would count as pipeline latency at every loop.
+    LOOP_CACHE_BYTES = 512 * 2**20
+
     def _run(self) -> None:
         offset = 0.0
         items = itertools.chain([self._first], self._items)
+        cache: list | None = [] if self.loop else None  # filled on the first pass only
+        recording, cached_bytes = self.loop, 0
         while True:
             for t_media, kind, data in items:
                 if self._stop.is_set():
                     return
                 self._deliver(offset + t_media, kind, data)
+                if recording and cache is not None:
+                    cache.append((t_media, kind, data))
+                    cached_bytes += data.nbytes
+                    if cached_bytes > self.LOOP_CACHE_BYTES:
+                        cache = None  # too big to keep: reopen the file at each loop instead
             if not self.loop or self._stop.is_set():
                 break
+            recording = False
             offset = self.duration
-            items = media_items(self.path)
+            items = iter(cache) if cache is not None else media_items(self.path)
         self.finished = True
 
     def _deliver(self, t_media: float, kind: str, data: np.ndarray) -> None:
