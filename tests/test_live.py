@@ -240,23 +240,26 @@ def test_no_camera_and_no_microphone(cache):
     assert "camera 7 could not be opened" in result.stderr  # each missing device said once, in one line
 
 
+def demo_checkpoint_with_spec(cache: Path, folder: Path, **fields: dict) -> Path:
+    """A copy of the demo checkpoint whose feature spec has `fields` changed: modality -> {field: value}."""
+    config = json.loads((cache / "demo" / "checkpoint" / "config.json").read_text())
+    for modality, changes in fields.items():
+        config["feature_spec"][modality].update(changes)
+    shutil.copytree(cache / "demo" / "checkpoint", folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def test_checkpoint_for_other_extractors_is_refused(cache, tmp_path):
     """A checkpoint whose feature spec names another text window than the extractors give."""
-    config = json.loads((cache / "demo" / "checkpoint" / "config.json").read_text())
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(cache / "demo" / "checkpoint", ckpt)
-    config["feature_spec"]["text"]["preprocessing"] = "wordpiece(max=36,truncate=right)"
-    (ckpt / "config.json").write_text(json.dumps(config))
+    other_window = {"preprocessing": "wordpiece(max=36,truncate=right)"}
+    ckpt = demo_checkpoint_with_spec(cache, tmp_path / "ckpt", text=other_window)
     assert_one_error_line(run_cli("--checkpoint", str(ckpt), "--cache-dir", str(cache), "--no-asr"),
                           "text preprocessing", "checkpoint")
 
 
 def test_model_missing_offline(cache, tmp_path):
-    config = json.loads((cache / "demo" / "checkpoint" / "config.json").read_text())
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(cache / "demo" / "checkpoint", ckpt)
-    config["feature_spec"]["vision"]["extractor"] = "nobody/no-such-clip"
-    (ckpt / "config.json").write_text(json.dumps(config))
+    ckpt = demo_checkpoint_with_spec(cache, tmp_path / "ckpt", vision={"extractor": "nobody/no-such-clip"})
     assert_one_error_line(run_cli("--checkpoint", str(ckpt), "--cache-dir", str(cache), "--no-asr",
                                   env={"HF_HOME": str(tmp_path / "hf")}),
                           "nobody/no-such-clip", "hf download")
@@ -334,12 +337,8 @@ def test_checkpoint_without_some_modalities_runs_them_absent(cache, tmp_path):
     writes) runs live with vision and audio absent, whatever the camera and microphone deliver."""
     from skimage.data import astronaut
 
-    config = json.loads((cache / "demo" / "checkpoint" / "config.json").read_text())
-    for m in ("vision", "audio"):
-        config["feature_spec"][m]["extractor"] = "absent"
-    ckpt = tmp_path / "text-only"
-    shutil.copytree(cache / "demo" / "checkpoint", ckpt)
-    (ckpt / "config.json").write_text(json.dumps(config))
+    ckpt = demo_checkpoint_with_spec(cache, tmp_path / "text-only", vision={"extractor": "absent"},
+                                     audio={"extractor": "absent"})
     face = cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR)
     with Recognizer(LiveConfig(checkpoint=str(ckpt), cache_dir=str(cache), backend="torch", source="push",
                                hop_s=0.1, use_asr=False)) as rec:
