@@ -120,6 +120,7 @@ class AudioExtractor(Extractor):
                                  preprocessing="resample-16k+normalise" if self.do_normalize else "resample-16k",
                                  sample_rate=SAMPLE_RATE)
         self._core = _AudioFeatures(self.model, layer)
+        self._scratch = np.empty(0, np.float32)
 
     @staticmethod
     def _read_do_normalize(folder: Path) -> bool:
@@ -148,14 +149,22 @@ class AudioExtractor(Extractor):
             shape_profile={"input_values": ((1, lo), (1, self.window_samples), (1, self.window_samples))},
         )
 
-    def extract(self, samples: np.ndarray, sample_rate: int) -> Features:
+    def extract(self, samples: np.ndarray, sample_rate: int, out: np.ndarray | None = None) -> Features:
+        """Features of the newest window of `samples`. `out`: a (seq_len, dim) float32 array to fill instead of
+        a new one (the live tick reuses its buffers; one caller at a time: normalisation reuses a scratch)."""
         wave = to_16k_mono(samples, sample_rate)[-self.window_samples:]
         info = {"seconds": round(len(wave) / SAMPLE_RATE, 4)}
         frames = self.frames_for(len(wave))
         if frames == 0:
-            return Features(np.zeros((self.seq_len, self.dim), np.float32), 0, info)
-        if self.do_normalize:  # as Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
-            wave = (wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)
+            values, _ = pack_window(np.zeros((0, self.dim), np.float32), self.seq_len, out)
+            return Features(values, 0, info)
+        if self.do_normalize:  # as Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm, into a reused scratch
+            if self._scratch.shape[0] < len(wave):
+                self._scratch = np.empty(self.window_samples, np.float32)
+            normalised = self._scratch[:len(wave)]
+            np.subtract(wave, wave.mean(), out=normalised)
+            normalised /= np.sqrt(np.dot(normalised, normalised) / len(wave) + 1e-7)  # the variance, no temporary
+            wave = normalised
         features = self.backend.run({"input_values": wave[None].astype(np.float32, copy=False)})["features"][0]
-        values, length = pack_window(features, self.seq_len)
+        values, length = pack_window(features, self.seq_len, out)
         return Features(values, length, info)

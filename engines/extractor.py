@@ -40,12 +40,16 @@ class Features:
         return self.length > 0
 
 
-def pack_window(steps: np.ndarray, seq_len: int) -> tuple[np.ndarray, int]:
+def pack_window(steps: np.ndarray, seq_len: int, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """(n, D) valid steps -> ((seq_len, D) zero-padded float32, length). The last `seq_len` steps are kept
-    when there are more (the newest, for a live window)."""
+    when there are more (the newest, for a live window). `out`: a (seq_len, D) float32 array to fill instead
+    of a new one (the live tick reuses its buffers)."""
     steps = np.asarray(steps, dtype=np.float32)
     kept = steps[-seq_len:] if len(steps) > seq_len else steps
-    out = np.zeros((seq_len, steps.shape[-1]), dtype=np.float32)
+    if out is None:
+        out = np.zeros((seq_len, steps.shape[-1]), dtype=np.float32)
+    else:
+        out[len(kept):] = 0.0
     out[: len(kept)] = kept
     return out, len(kept)
 

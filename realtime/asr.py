@@ -333,7 +333,10 @@ class StreamingTranscriber:
             # One temperature: a fallback re-decode would multiply the pass time; disagreeing passes are
             # filtered by LocalAgreement anyway. The buffer is one window, so there is no previous text.
             temperature=0.0, condition_on_previous_text=False)
-        hypothesis = [Word(w.start, w.end, w.word) for s in segments for w in (s.words or ())]
+        # A byte sequence that is not UTF-8 (a multi-byte character cut between tokens, or a model that is
+        # not trained) decodes to U+FFFD: never show or fuse that; a word left empty is no word.
+        words = ((w, w.word.replace("\ufffd", "")) for s in segments for w in (s.words or ()))
+        hypothesis = [Word(w.start, w.end, text) for w, text in words if text.strip()]
         pass_ms = (time.perf_counter() - t) * 1e3
         self.passes += 1
         new = self.agreement.insert(hypothesis, offset=self.buffer_t0 or 0.0)

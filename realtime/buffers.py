@@ -121,11 +121,12 @@ class AudioRing:
         """Samples currently held."""
         return min(self.written, self.capacity)
 
-    def read_last(self, seconds: float) -> tuple[np.ndarray, float | None]:
-        """(a copy of the newest `seconds` of audio, or less when the ring holds less; time of its last sample)."""
+    def read_last(self, seconds: float, out: np.ndarray | None = None) -> tuple[np.ndarray, float | None]:
+        """(a copy of the newest `seconds` of audio, or less when the ring holds less; time of its last sample).
+        `out`: a float32 array of at least that many samples to copy into (a view of it is returned)."""
         with self._lock:
             n = min(max(0, int(round(seconds * self.rate))), self.available)
-            return self._copy(self.written - n, self.written), self.t_end
+            return self._copy(self.written - n, self.written, out), self.t_end
 
     def read_since(self, t: float) -> tuple[np.ndarray, float | None]:
         """(the samples captured strictly after monotonic time `t` still held; time of the last sample)."""
@@ -151,10 +152,10 @@ class AudioRing:
         with self._lock:
             return None if self.t_end is None else self.t_end - (self.written - 1 - index) / self.rate
 
-    def _copy(self, start: int, stop: int) -> np.ndarray:
-        """Samples [start, stop) by absolute index, as a new array; the caller holds the lock."""
+    def _copy(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Samples [start, stop) by absolute index, as a new array or into `out`; the caller holds the lock."""
         n = stop - start
-        out = np.empty(n, np.float32)
+        out = np.empty(n, np.float32) if out is None else out[:n]
         if n == 0:
             return out
         i = start % self.capacity

@@ -23,20 +23,45 @@ RECORD_VIDEO, RECORD_AUDIO, RECORD_EVENTS = "video.mp4", "audio.wav", "events.js
 
 
 def _container_items(path: Path, video: bool = True, audio: bool = True) -> Iterator[tuple[float, str, np.ndarray]]:
-    """(media time, "video"|"audio", data): BGR frames at their presentation time, 16 kHz mono float32 audio
-    blocks at the time of their last sample (what a live microphone's block stamp means)."""
+    """(media time, "video"|"audio", data) in media-time order: BGR frames at their presentation time, 16 kHz
+    mono float32 audio blocks at the time of their last sample (what a live microphone's block stamp means)."""
     from engines.media import MediaError, iter_av
 
-    audio_t = None
-    try:
+    def stamped() -> Iterator[tuple[float, str, np.ndarray]]:
+        audio_t = None
         for t, kind, data in iter_av(path, video=video, audio=audio, audio_rate=SAMPLE_RATE):
             if kind == "video":
                 yield t, kind, data
                 continue
             audio_t = (t if audio_t is None else audio_t) + len(data) / SAMPLE_RATE  # counted: no drift
             yield audio_t, kind, data
+
+    try:
+        yield from in_time_order(stamped())
     except MediaError as err:
         raise SourceError(f"cannot read {err}") from None
+
+
+def in_time_order(items: Iterator[tuple[float, str, np.ndarray]],
+                  max_lead_s: float = 2.0) -> Iterator[tuple[float, str, np.ndarray]]:
+    """Demux order -> media-time order. Containers interleave streams loosely (an MP4 may hold the first 0.6 s
+    of video before any audio): replayed in demux order, the audio would stall for that long, which a live
+    device never does. Each stream is in order by itself, so an item is released once every stream has shown
+    a later time; a stream that runs more than `max_lead_s` ahead (the other one sparse or ended) releases
+    anyway, which bounds the frames held."""
+    heap: list[tuple[float, int, str, np.ndarray]] = []
+    newest: dict[str, float] = {}
+    for n, (t, kind, data) in enumerate(items):
+        heapq.heappush(heap, (t, n, kind, data))  # n: ties keep demux order and never compare arrays
+        newest[kind] = max(t, newest.get(kind, t))
+        horizon = min(newest.values()) if len(newest) > 1 else -np.inf
+        lead = max(newest.values()) - max_lead_s
+        while heap and heap[0][0] <= max(horizon, lead):
+            t0, _, k0, d0 = heapq.heappop(heap)
+            yield t0, k0, d0
+    while heap:
+        t0, _, k0, d0 = heapq.heappop(heap)
+        yield t0, k0, d0
 
 
 def _wav_items(path: Path, block_s: float = 0.02) -> Iterator[tuple[float, str, np.ndarray]]:

@@ -113,6 +113,23 @@ class Stack:
     asr_options: AsrOptions
 
 
+class TickBuffers:
+    """The arrays a tick fills in place, allocated once per session (DESIGN.md: no allocation on the tick path):
+    the audio window read from the ring, and the fusion engine's inputs, (1, seq_len, dim) per modality plus
+    the lengths. The windows and the audio extractor write straight into the fusion inputs. Only the tick
+    thread touches them (the ticker never runs two ticks at once)."""
+
+    def __init__(self, stack: Stack, window_s: float):
+        self.audio = np.zeros(int(round(window_s * SAMPLE_RATE)), np.float32)
+        self.inputs = {m: np.zeros((1, stack.seq_lens[m], stack.dims[m]), np.float32)
+                       for m in ("vision", "text", "audio")}
+        self.lengths = np.zeros((1, 3), np.int64)
+
+    def features(self, modality: str) -> np.ndarray:
+        """The (seq_len, dim) fusion input of `modality`, to be filled."""
+        return self.inputs[modality][0]
+
+
 def load_stack(config: LiveConfig) -> Stack:
     """Load the checkpoint (or build the demo's), its extractors (checked against its feature spec) and backends."""
     from engines.backends import create_backend
@@ -241,6 +258,7 @@ class Recognizer:
 
             check_media(cfg.source)  # an unreadable file is said before seconds of model loading
         self.stack = self._stack or load_stack(cfg)
+        self._buffers = TickBuffers(self.stack, cfg.window_s)
         self._t_start = time.monotonic()
         self.sinks = SinkGroup(self._build_sinks()).open()
         try:
@@ -499,8 +517,9 @@ class Recognizer:
         newest_capture: list[float] = []
         presence = Presence()
 
+        buffers = self._buffers
         if self.vision_window is not None:
-            feats["vision"], newest = self.vision_window.snapshot(now)
+            feats["vision"], newest = self.vision_window.snapshot(now, out=buffers.features("vision"))
             if newest is not None:
                 newest_capture.append(newest.t_capture)
                 latency["vision"] = newest.extract_ms
@@ -508,7 +527,7 @@ class Recognizer:
             presence.vision = VisionPresence(feats["vision"].present, faces[-1] if faces else None,
                                              feats["vision"].length)
 
-        samples, t_end = self.ring.read_last(self.config.window_s)
+        samples, t_end = self.ring.read_last(self.config.window_s, out=buffers.audio)
         if t_end is not None and len(samples):
             newest_capture.append(t_end)  # the audio, or the speech the text comes from
         if "audio" in stack.modalities:
@@ -549,29 +568,33 @@ class Recognizer:
 
         seconds = len(samples) / SAMPLE_RATE
         extractor = self.stack.extractors["audio"]
-        absent = Features(np.zeros((self.stack.seq_lens["audio"], self.stack.dims["audio"]), np.float32), 0)
+        out = self._buffers.features("audio")
+        absent = Features(out, 0)
         if seconds < 0.1:
+            out.fill(0.0)
             return absent, AudioPresence(False, False, round(seconds, 3))
         start = time.perf_counter()
         voiced = bool(get_speech_timestamps(samples, VadOptions(min_speech_duration_ms=100)))
         latency["vad"] = (time.perf_counter() - start) * 1e3
         if not voiced:
+            out.fill(0.0)
             return absent, AudioPresence(True, False, round(seconds, 3))
         start = time.perf_counter()
-        feats = extractor.extract(samples, SAMPLE_RATE)
+        feats = extractor.extract(samples, SAMPLE_RATE, out=out)
         latency["audio"] = (time.perf_counter() - start) * 1e3
         return feats, AudioPresence(True, True, round(seconds, 3))
 
     def _fuse(self, feats: dict[str, Features]) -> dict[str, float]:
-        stack = self.stack
-        inputs, lengths = {}, []
-        for m in ("vision", "text", "audio"):
+        """Run MCIHN on the tick buffers (vision and audio are already there; the text features are the text
+        window's own array; a modality the stack lacks stays zero with length 0)."""
+        stack, buffers = self.stack, self._buffers
+        inputs = dict(buffers.inputs)
+        for i, m in enumerate(("vision", "text", "audio")):
             f = feats.get(m)
-            if f is None:
-                f = Features(np.zeros((stack.seq_lens[m], stack.dims[m]), np.float32), 0)
-            inputs[m] = f.values[None].astype(np.float32, copy=False)
-            lengths.append(f.length)
-        inputs["lengths"] = np.asarray([lengths], dtype=np.int64)
+            if f is not None and f.values is not buffers.features(m):
+                inputs[m] = f.values[None]
+            buffers.lengths[0, i] = f.length if f is not None else 0
+        inputs["lengths"] = buffers.lengths
         out = next(iter(stack.fusion.run(inputs).values()))[0]
         if stack.head == "regression":
             return {"valence": float(out)}

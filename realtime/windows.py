@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.extractor import Features, pack_window
+from engines.extractor import Features
 
 
 @dataclass
@@ -39,13 +39,18 @@ class VisionWindow:
         with self._lock:
             self._frames.append(frame)
 
-    def snapshot(self, now: float) -> tuple[Features, EmbeddedFrame | None]:
-        """The window as MCIHN input (frames with a face, oldest first) and the newest frame seen."""
+    def snapshot(self, now: float, out: np.ndarray | None = None) -> tuple[Features, EmbeddedFrame | None]:
+        """The window as MCIHN input (frames with a face, oldest first) and the newest frame seen. `out`: a
+        (seq_len, dim) float32 array to fill instead of a new one."""
         with self._lock:
             frames = [f for f in self._frames if now - f.t_capture <= self.span_s]
         faces = [f for f in frames if f.embedding is not None]
-        steps = np.stack([f.embedding for f in faces]) if faces else np.zeros((0, self.dim), np.float32)
-        values, length = pack_window(steps, self.seq_len)
+        if out is None:
+            out = np.zeros((self.seq_len, self.dim), np.float32)
+        for i, f in enumerate(faces):  # at most seq_len: the deque holds no more
+            out[i] = f.embedding
+        out[len(faces):] = 0.0
+        values, length = out, len(faces)
         newest = frames[-1] if frames else None
         info = {"faces": [list(f.face) for f in faces if f.face is not None], "frames": len(frames)}
         return Features(values, length, info), newest

@@ -129,6 +129,17 @@ def test_transcriber_commits_each_word_once_and_trims_at_sentence_ends():
     assert all(c["word_timestamps"] and c["vad_filter"] and c["beam_size"] == 1 for c in model.calls)
 
 
+def test_undecodable_bytes_are_never_shown_or_committed():
+    # Whisper writes U+FFFD where a token sequence is not UTF-8 (a character cut between tokens, an untrained
+    # model): the character is dropped, and a word made only of it is no word.
+    script = [Word(0.3, 0.6, " caf\ufffd"), Word(0.7, 0.9, " \ufffd\ufffd"), Word(1.0, 1.3, " ok.")]
+    tr = StreamingTranscriber(AsrOptions(model="scripted"), model=ScriptedWhisper(script))
+    updates = list(stream(tr, 2.0))
+    tr.finish()
+    assert join_words(tr.committed) == "caf ok."
+    assert not any("\ufffd" in w.text for u in updates for w in u.tail)
+
+
 def test_transcriber_buffer_is_bounded_without_sentence_ends():
     script = [Word(0.2 + 0.4 * i, 0.5 + 0.4 * i, f" w{i}") for i in range(200)]  # 80 s, no punctuation
     tr = StreamingTranscriber(AsrOptions(model="scripted", max_buffer_s=4.0), model=ScriptedWhisper(script))

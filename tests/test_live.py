@@ -369,3 +369,29 @@ def test_as_fast_as_possible_steps_by_media_time(clip, cache):
     assert sum(e.presence.vision.present for e in events) >= len(events) // 2
     assert sum(e.presence.audio.voiced for e in events) >= len(events) // 3
     assert any(e.presence.text.text for e in events)
+
+
+@needs_espeak
+def test_tick_fills_the_same_buffers_every_hop(clip, cache):
+    """No allocation on the tick path: the windows and the audio extractor write into the fusion engine's input
+    arrays, allocated once per session; every tick hands MCIHN the same arrays, refilled."""
+    from realtime.recognizer import load_stack
+
+    config = live_config(cache, source=str(clip), speed=0, hop_s=0.25, use_asr=False)
+    stack = load_stack(config)
+    calls: list[dict] = []
+    fusion_run = stack.fusion.run
+
+    def spy(inputs: dict) -> dict:
+        calls.append({m: (inputs[m].__array_interface__["data"][0], int(inputs["lengths"][0, i]))
+                      for i, m in enumerate(("vision", "text", "audio"))})
+        return fusion_run(inputs)
+
+    stack.fusion.run = spy
+    with Recognizer(config, stack=stack) as rec:
+        events = list(rec)
+    assert rec.faults == [] and len(calls) == len(events) > 10
+    for m in ("vision", "audio"):
+        assert len({c[m][0] for c in calls}) == 1, f"{m}: a new array on some tick"
+        assert any(c[m][1] > 0 for c in calls), f"{m}: never present, so the test proves nothing"
+    assert {c["vision"][0] for c in calls} == {rec._buffers.inputs["vision"].__array_interface__["data"][0]}

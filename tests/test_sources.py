@@ -91,6 +91,39 @@ def test_audio_ring_wraparound_and_overflow_keeps_newest():
     assert ring.t_end == 4.1
 
 
+def test_audio_ring_reads_into_a_given_buffer_without_a_new_array():
+    ring = AudioRing(capacity_s=1.0, rate=10)
+    ring.write(np.arange(13, dtype=np.float32), t_end=1.3)  # wrapped
+    buf = np.full(8, -1.0, np.float32)
+    samples, _ = ring.read_last(0.5, out=buf)
+    np.testing.assert_array_equal(samples, np.arange(8, 13))
+    assert np.shares_memory(samples, buf)  # the tick's buffer, filled in place (no allocation on the tick path)
+
+
+def test_media_items_come_in_media_time_order():
+    # The bundled clip's MP4 holds 0.6 s of video before its first audio packet: replayed in demux order the
+    # audio stalled for that long at the start and at every loop (a latency spike the pipeline did not cause).
+    from realtime.file_source import media_items
+
+    items = list(media_items(Path(__file__).parents[1] / "realtime" / "assets" / "demo.mp4"))
+    times = np.array([t for t, _, _ in items])
+    assert np.all(np.diff(times) >= 0)
+    audio = times[[kind == "audio" for _, kind, _ in items]]
+    assert audio[0] < 0.1 and np.diff(audio).max() < 0.1  # audio blocks follow each other without a gap
+
+
+def test_in_time_order_merges_streams_and_bounds_what_it_holds():
+    from realtime.file_source import in_time_order
+
+    demux = [(0.0, "video"), (0.5, "video"), (1.0, "video"), (0.1, "audio"), (0.6, "audio"), (1.5, "video"),
+             (4.0, "video"), (5.0, "video"), (7.0, "video"), (1.1, "audio")]
+    out = [(t, kind) for t, kind, _ in in_time_order((t, k, np.zeros(1)) for t, k in demux)]
+    # Interleaved by time while both streams advance; video running over 2 s ahead of a silent audio stream is
+    # released without waiting for audio that may never come, so the late 1.1 comes after 4.0 and 5.0.
+    assert out == [(0.0, "video"), (0.1, "audio"), (0.5, "video"), (0.6, "audio"), (1.0, "video"), (1.5, "video"),
+                   (4.0, "video"), (5.0, "video"), (1.1, "audio"), (7.0, "video")]
+
+
 def test_audio_ring_read_since_and_read_from():
     ring = AudioRing(capacity_s=2.0)
     first = sine(440, 1.0, 16_000)
