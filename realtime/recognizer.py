@@ -585,14 +585,13 @@ class Recognizer:
         return feats, AudioPresence(True, True, round(seconds, 3))
 
     def _fuse(self, feats: dict[str, Features]) -> dict[str, float]:
-        """Run MCIHN on the tick buffers (vision and audio are already there; the text features are the text
-        window's own array; a modality the stack lacks stays zero with length 0)."""
+        """Run MCIHN on the features as they lie: vision and audio in the tick buffers, text in the text window's
+        own array ([None] is a view, not a copy); a modality the stack lacks is its zero buffer with length 0."""
         stack, buffers = self.stack, self._buffers
-        inputs = dict(buffers.inputs)
+        inputs = {}
         for i, m in enumerate(("vision", "text", "audio")):
             f = feats.get(m)
-            if f is not None and f.values is not buffers.features(m):
-                inputs[m] = f.values[None]
+            inputs[m] = f.values[None] if f is not None else buffers.inputs[m]
             buffers.lengths[0, i] = f.length if f is not None else 0
         inputs["lengths"] = buffers.lengths
         out = next(iter(stack.fusion.run(inputs).values()))[0]

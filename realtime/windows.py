@@ -50,10 +50,9 @@ class VisionWindow:
         for i, f in enumerate(faces):  # at most seq_len: the deque holds no more
             out[i] = f.embedding
         out[len(faces):] = 0.0
-        values, length = out, len(faces)
         newest = frames[-1] if frames else None
         info = {"faces": [list(f.face) for f in faces if f.face is not None], "frames": len(frames)}
-        return Features(values, length, info), newest
+        return Features(out, len(faces), info), newest
 
 
 class TextWindow:
