@@ -43,7 +43,8 @@ def test_slope_per_minute():
 def test_summarize_rates_stages_and_slopes():
     events = synthetic_events(401, growth_ms_per_s=0.1)  # 100 s at 4/s, latency growing 6 ms/min
     report = summarize(events, duration_s=100.0, hop_s=0.25, commit_lags_s=[0.5, 1.0, 1.5], backend="x",
-                       cpu_s=50.0, peak_rss_mb=700.0, rss_samples=[(t, 600.0 + 0.01 * t) for t in range(100)])
+                       cpu_s=50.0, peak_rss_mb=700.0, rss_samples=[(t, 600.0 + 0.01 * t) for t in range(100)],
+                       heap_samples=[(t, 120.0 + (t % 2)) for t in range(100)])  # a flat heap with jitter
     assert report.requested_hz == 4.0 and report.achieved_hz == pytest.approx(4.0)
     assert report.events == 401 and report.skipped_ticks == 40 and report.dropped_frames == 100
     assert report.stages["fusion"].max == 99.0 and report.stages["asr"].count == 200
@@ -53,8 +54,10 @@ def test_summarize_rates_stages_and_slopes():
     assert report.latency_slope.per_min == pytest.approx(6.0, abs=0.3)
     assert report.rss_slope.per_min == pytest.approx(0.6)
     assert report.rss_floor_slope is None  # under three minutes
+    assert report.heap_slope.per_min == pytest.approx(0.0, abs=0.05) and report.timeline["heap_mb"][1] == 121.0
     table = format_report([report, summarize(synthetic_events(41), 10.0, 0.25, [], "y")])
     assert "updates/s (requested)" in table and "4.00 (4.00)" in table and "1.00x" in table
+    assert "Python heap slope MB/min" in table
 
 
 def test_rss_floor_slope_ignores_peaks_and_warm_up():

@@ -15,6 +15,7 @@ import platform
 import resource
 import sys
 import time
+import tracemalloc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ EXAMPLE = """examples:
   mcihn bench --size tiny --duration 20                      # seconds, after `make demo`
   mcihn bench --size base --backends torch,onnxruntime --duration 60 --out runs/bench-base
   mcihn bench --size base --backends onnxruntime --soak --out runs/soak
+  mcihn bench --size base --duration 300 --trace-heap          # is memory growth Python's or native?
   mcihn bench --checkpoint runs/sims/seed_0 --clip interview.mp4
 """
 
@@ -86,19 +88,23 @@ class RunReport:
     # The same over the per-minute minima after the first minute: transient peaks (an ASR pass's buffers) and
     # warm-up (allocator arenas, lazily built kernels) do not pass for a leak.
     rss_floor_slope: Slope | None = None
+    # --trace-heap: the Python heap traced by tracemalloc over time. Flat while RSS grows: the growth is in
+    # native allocations (onnxruntime, CTranslate2, the C allocator), not in Python objects.
+    heap_slope: Slope | None = None
     timeline: dict[str, list[float]] = field(default_factory=dict)  # t_s, capture_to_emit, rss_mb
 
 
 def summarize(events: list[dict], duration_s: float, hop_s: float, commit_lags_s: list[float],
               backend: str = "", cpu_s: float = 0.0, peak_rss_mb: float = 0.0, gpu_peak_mb: float | None = None,
-              rss_samples: list[tuple[float, float]] | None = None) -> RunReport:
+              rss_samples: list[tuple[float, float]] | None = None,
+              heap_samples: list[tuple[float, float]] | None = None) -> RunReport:
     """Statistics of one run from its events (dicts as in docs/events.md), wall duration and side samples."""
     values = {s: [e["latency_ms"][s] for e in events if s in e["latency_ms"]] for s in STAGES}
     stages = {s: LatencyStats.of(v) for s, v in values.items()}
     t0 = events[0]["t_mono"] if events else 0.0
     t = [e["t_mono"] - t0 for e in events]
     c2e = [e["latency_ms"]["capture_to_emit"] for e in events]
-    rss_samples = rss_samples or []
+    rss_samples, heap_samples = rss_samples or [], heap_samples or []
     span = (events[-1]["t_mono"] - t0) if len(events) > 1 else 0.0
     return RunReport(
         backend=backend, duration_s=duration_s, requested_hz=1.0 / hop_s,
@@ -109,10 +115,12 @@ def summarize(events: list[dict], duration_s: float, hop_s: float, commit_lags_s
         cpu_percent=100.0 * cpu_s / duration_s if duration_s > 0 else 0.0, peak_rss_mb=peak_rss_mb,
         gpu_peak_mb=gpu_peak_mb,
         latency_slope=Slope.of(t, c2e) if events else None,
-        rss_slope=Slope.of([s[0] for s in rss_samples], [s[1] for s in rss_samples]) if rss_samples else None,
+        rss_slope=Slope.of(*np.asarray(rss_samples).T) if rss_samples else None,
         rss_floor_slope=floor_slope(rss_samples),
+        heap_slope=Slope.of(*np.asarray(heap_samples).T) if heap_samples else None,
         timeline={"t_s": t, "capture_to_emit_ms": c2e, "rss_t_s": [s[0] for s in rss_samples],
-                  "rss_mb": [s[1] for s in rss_samples], **{f"stage:{s}": v for s, v in values.items()}},
+                  "rss_mb": [s[1] for s in rss_samples], "heap_mb": [s[1] for s in heap_samples],
+                  **{f"stage:{s}": v for s, v in values.items()}},
     )
 
 
@@ -154,6 +162,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--soak", action="store_true",
                    help="a long run (10 minutes per backend unless --duration says otherwise); reports latency and "
                         "memory slopes")
+    p.add_argument("--trace-heap", action="store_true",
+                   help="also trace the Python heap (tracemalloc; slows the run a little) to tell Python from native "
+                        "memory growth")
     p.add_argument("--hop", type=float, default=0.25, help="seconds between updates (0.25: 4 updates/s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: half the cores)")
     p.add_argument("--asr-model", default=None, help="faster-whisper model (default: the stand-in of --size)")
@@ -180,10 +191,15 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
                                           "skipped_ticks": e.skipped_ticks, "dropped_frames": e.dropped_frames}))
     rec.start()  # loading and engine building happen here, outside the measured time
     rss_samples: list[tuple[float, float]] = []
+    heap_samples: list[tuple[float, float]] = []
+    if args.trace_heap:
+        tracemalloc.start(1)
     try:
         cpu0, t0 = time.process_time(), time.monotonic()
         while (elapsed := time.monotonic() - t0) < duration:
             rss_samples.append((elapsed, rss_mb()))
+            if args.trace_heap:
+                heap_samples.append((elapsed, tracemalloc.get_traced_memory()[0] / 2**20))
             progress(backend, elapsed, duration, rec.latest_event)
             time.sleep(min(1.0, duration - elapsed) if duration - elapsed > 0 else 0)
             if rec.ticker.error is not None:
@@ -192,13 +208,14 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
     finally:
         rec.stop()
         rec.join(60)  # let a running ASR pass end: the next backend's run must not share the CPU with it
+        tracemalloc.stop()
     lags = [c.lag_s for c in rec.asr.commit_events()] if rec.asr is not None else []
     gpu = None
     if (args.device or "").startswith("cuda") or _cuda():
         import torch
 
         gpu = torch.cuda.max_memory_allocated() / 2**20
-    return summarize(events, wall, args.hop, lags, backend, cpu_s, peak_rss(), gpu, rss_samples)
+    return summarize(events, wall, args.hop, lags, backend, cpu_s, peak_rss(), gpu, rss_samples, heap_samples)
 
 
 def _cuda() -> bool:
@@ -239,6 +256,8 @@ def format_report(reports: list[RunReport]) -> str:
         row("RSS slope MB/min", [f"{r.rss_slope.per_min:+.2f}" if r.rss_slope else "-" for r in reports])
         row("RSS floor slope MB/min", [f"{r.rss_floor_slope.per_min:+.2f}" if r.rss_floor_slope else "-"
                                        for r in reports])
+    if any(r.heap_slope for r in reports):
+        row("Python heap slope MB/min", [f"{r.heap_slope.per_min:+.2f}" if r.heap_slope else "-" for r in reports])
     row("p50 capture->emit ratio", [f"{r.stages['capture_to_emit'].p50 / base:.2f}x" for r in reports])
     return "\n".join(lines)
 
