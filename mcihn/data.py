@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from mcihn.spec import MODALITIES, FeatureSpec, ModalitySpec
+from mcihn.spec import MODALITIES, PRECOMPUTED, FeatureSpec, ModalitySpec
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 
@@ -218,9 +218,9 @@ def _check_finite(values: np.ndarray, what: str, ids: list[str]) -> None:
 MOSI_NPZ_KEYS: tuple[str, ...] = ("ids", "split", "text_raw", "text", "audio", "video", "label")
 # Which npz key holds each modality, and what produced it (see the data folder's README).
 _MOSI_NPZ_SOURCES: dict[str, tuple[str, str]] = {
-    "vision": ("video", "declare-lab/3d-cnn"),
-    "text": ("text", "declare-lab/text-cnn"),
-    "audio": ("audio", "declare-lab/opensmile"),
+    "vision": ("video", PRECOMPUTED + "declare-lab/3d-cnn"),
+    "text": ("text", PRECOMPUTED + "declare-lab/text-cnn"),
+    "audio": ("audio", PRECOMPUTED + "declare-lab/opensmile"),
 }
 
 
@@ -327,7 +327,7 @@ def load_mmsa_pickle(
     # Only the file name and its two parent folders (MMSA's SIMS/Processed/x.pkl), not the whole path.
     looks_sims = "sims" in "/".join(path.resolve().parts[-3:]).lower() or "regression_labels_T" in extra
     in_unit_range = labels.size > 0 and float(np.nanmin(labels)) >= -1 and float(np.nanmax(labels)) <= 1
-    spec = spec_from_split(splits["train"], {m: f"mmsa/{name}" for m in MODALITIES})
+    spec = spec_from_split(splits["train"], {m: f"{PRECOMPUTED}mmsa/{name}" for m in MODALITIES})
     fs = FeatureSet(
         name=name,
         splits=splits,

@@ -11,6 +11,16 @@ from dataclasses import asdict, dataclass, field, fields
 MODALITIES: tuple[str, ...] = ("vision", "text", "audio")
 # The extractor name of a modality that was never extracted (e.g. text-only features): always absent.
 NOT_EXTRACTED = "absent"
+# Prefix of the extractor name of features computed elsewhere by extractors that are not loadable models (the
+# shared CMU-MOSI set's text CNN, openSMILE and 3D-CNN; MMSA pickles): a checkpoint on them cannot run live.
+PRECOMPUTED = "precomputed:"
+# Such names as checkpoints written before the prefix existed recorded them.
+_LEGACY_PRECOMPUTED = ("declare-lab/3d-cnn", "declare-lab/text-cnn", "declare-lab/opensmile", "mmsa/", "unknown")
+
+
+def is_precomputed(extractor: str) -> bool:
+    """True when features named `extractor` came from outside the project, with no model that could make them live."""
+    return extractor.startswith(PRECOMPUTED) or extractor.startswith(_LEGACY_PRECOMPUTED)
 
 
 class SpecMismatchError(ValueError):
