@@ -81,7 +81,7 @@ def test_mosi_npz_shapes_and_splits():
     assert all((train.lengths[m] == 1).all() for m in MODALITIES)
     assert train.labels.dtype == np.float32 and np.abs(train.labels).max() <= 3
     assert len(train.texts) == 1284 and train.texts[0].strip()
-    assert fs.spec["vision"].extractor == "declare-lab/3d-cnn"
+    assert fs.spec["vision"].extractor == "precomputed:declare-lab/3d-cnn"
     assert detect_format(MOSI_NPZ) == "mosi-npz"
     assert len(load_dataset(MOSI_NPZ)["test"]) == 686
 
