@@ -1,15 +1,19 @@
 """Datasets of precomputed features: the in-memory form every loader returns, and the loaders.
 
-Every format (the shared CMU-MOSI utterance npz, MMSA toolkit pickles, the project's own feature store)
-is turned into a `FeatureSet`: three `FeatureSplit`s (train/valid/test) of (N, T, D) float32 arrays per
-modality plus per-sample lengths. A length of 0 means the modality is absent for that sample.
+Every format (the shared CMU-MOSI utterance npz, MMSA toolkit pickles, the project's own feature store, MELD
+and IEMOCAP transcript CSVs) is turned into a `FeatureSet`: three `FeatureSplit`s (train/valid/test) of
+(N, T, D) float32 arrays per modality plus per-sample lengths. A length of 0 means the modality is absent for
+that sample.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +21,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from mcihn.spec import MODALITIES, PRECOMPUTED, FeatureSpec, ModalitySpec
+from mcihn.spec import MODALITIES, NOT_EXTRACTED, PRECOMPUTED, FeatureSpec, ModalitySpec
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 
@@ -411,6 +415,204 @@ def _padded_lengths(arr: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Transcript CSVs with emotion labels (MELD, IEMOCAP): texts, labels and dialogue order, no feature arrays.
+# Every modality is stored absent (length 0, extractor "absent"); `mcihn extract-text` encodes the texts.
+
+MELD_FILES: dict[str, str] = {"train": "train_sent_emo.csv", "valid": "dev_sent_emo.csv", "test": "test_sent_emo.csv"}
+MELD_COLUMNS: tuple[str, ...] = ("Utterance", "Speaker", "Emotion", "Dialogue_ID", "Utterance_ID")
+IEMOCAP_FILE = "iemocap_text.csv"
+IEMOCAP_COLUMNS: tuple[str, ...] = ("dialogue_id", "utterance_index", "speaker", "text", "label", "split")
+# IEMOCAP's 6 classes in the order of the `label` column (0-5), as COSMIC/DialogueRNN number them.
+IEMOCAP_LABELS: tuple[str, ...] = ("happy", "sad", "neutral", "angry", "excited", "frustrated")
+_SPLIT_ALIASES: dict[str, str] = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid",
+                                  "dev": "valid", "test": "test"}
+# Typographic punctuation -> ASCII, so dataset transcripts tokenise like live ASR text (which writes "'").
+_TYPOGRAPHIC = str.maketrans({
+    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "\u00b4": "'",
+    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2033": '"',
+    "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2015": "-",
+    "\u2026": "...", "\u00a0": " ", "\u200b": "", "\ufeff": "",
+})
+_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]{2,}")
+
+
+def _cp1252_bytes(run: str) -> bytes | None:
+    """The bytes a run of characters came from when UTF-8 was read as cp1252 (latin-1 for the 5 bytes cp1252
+    leaves undefined), or None when some character cannot have come from a single byte."""
+    out = bytearray()
+    for ch in run:
+        try:
+            out += ch.encode("cp1252")
+        except UnicodeEncodeError:
+            if ord(ch) > 0xFF:
+                return None
+            out.append(ord(ch))
+    return bytes(out)
+
+
+def _undo_mojibake(match: re.Match) -> str:
+    run = match.group(0)
+    for _ in range(2):  # twice-garbled text ("Ã¢â‚¬â„¢") takes two rounds
+        raw = _cp1252_bytes(run)
+        if raw is None:
+            break
+        try:
+            fixed = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            break
+        if fixed == run:
+            break
+        run = fixed
+    return run
+
+
+def clean_transcript(text: str) -> str:
+    """A transcript as the text extractor should see it; never raises.
+
+    Bytes that were not UTF-8 (read with surrogateescape) become their cp1252 character; UTF-8 that was read as
+    cp1252/latin-1 ("â€™", "â\\x80\\x99") is decoded back; stray C1 control characters are read as cp1252;
+    typographic quotes, dashes and ellipses become ASCII (what ASR output uses); whitespace is collapsed.
+    """
+    if any("\udc80" <= ch <= "\udcff" for ch in text):
+        text = "".join(bytes([ord(ch) - 0xDC00]).decode("cp1252", errors="replace") if "\udc80" <= ch <= "\udcff"
+                       else ch for ch in text)
+    text = _NON_ASCII_RUN.sub(_undo_mojibake, text)
+    text = "".join(bytes([ord(ch)]).decode("cp1252", errors="ignore") if "\x80" <= ch <= "\x9f" else ch
+                   for ch in text)
+    return " ".join(text.translate(_TYPOGRAPHIC).split())
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    """The rows of a CSV file as dicts; undecodable bytes are kept (surrogateescape) for clean_transcript."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err}") from None
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = list(reader)
+    except csv.Error as err:
+        raise DataError(f"{path} is not a readable CSV file: {err}") from None
+    header = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{path} lacks the column(s) {', '.join(missing)} (it has: {', '.join(header) or 'none'})")
+    rows = [{(k or "").strip(): (v or "") for k, v in row.items()} for row in rows]
+    if not rows:
+        raise DataError(f"{path} has a header but no rows")
+    return rows
+
+
+def _row_int(row: dict[str, str], column: str, where: str) -> int:
+    try:
+        return int(float(row[column].strip()))
+    except ValueError:
+        raise DataError(f"{where}: {column} is {row[column]!r}, not an integer") from None
+
+
+def _text_only_split(labels: list[int], ids: list[str], texts: list[str]) -> FeatureSplit:
+    """A split with texts and labels and every modality absent (a (N, 1, 1) zero array, length 0)."""
+    n = len(labels)
+    return FeatureSplit(
+        features={m: np.zeros((n, 1, 1), dtype=np.float32) for m in MODALITIES},
+        lengths={m: np.zeros(n, dtype=np.int64) for m in MODALITIES},
+        labels=np.asarray(labels, dtype=np.int64), ids=ids, texts=texts,
+    )
+
+
+def _text_only_set(name: str, splits: dict[str, FeatureSplit], label_names: tuple[str, ...],
+                   speakers: dict[str, list[str]], source: Path) -> FeatureSet:
+    absent = ModalitySpec(dim=1, seq_len=1, extractor=NOT_EXTRACTED, preprocessing="not extracted (transcripts only)")
+    fs = FeatureSet(
+        name=name, splits=splits, spec=FeatureSpec(vision=absent, text=absent, audio=absent),
+        task="classification", label_names=list(label_names),
+        extra={"source": str(source), "speaker": {s: np.asarray(v, dtype=str) for s, v in speakers.items()}},
+    )
+    return validate_feature_set(fs)
+
+
+def load_meld_csv(path: str | os.PathLike, name: str = "meld") -> FeatureSet:
+    """MELD's train/dev/test_sent_emo.csv (a folder holding them, or any one of them): dev is the valid split.
+
+    Labels are indices into mcihn.emotions.EMOTIONS; ids are "d<Dialogue_ID>_u<Utterance_ID>" in file order, so
+    a context model can rebuild the dialogues; texts go through clean_transcript; speakers go to
+    extra["speaker"]. Every modality is absent: run `mcihn extract-text` for features.
+    """
+    from mcihn.emotions import EMOTIONS
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    splits, speakers = {}, {}
+    for split, file_name in MELD_FILES.items():
+        file = folder / file_name
+        if not file.is_file():
+            raise DataError(f"MELD file missing: {file}; a MELD folder holds {', '.join(MELD_FILES.values())}")
+        labels, ids, texts, who = [], [], [], []
+        for i, row in enumerate(_read_csv(file, MELD_COLUMNS), 1):
+            where = f"{file} row {i}"
+            emotion = row["Emotion"].strip().lower()
+            if emotion not in EMOTIONS:
+                raise DataError(f"{where}: unknown emotion {row['Emotion']!r}; MELD's are {', '.join(EMOTIONS)}")
+            labels.append(EMOTIONS.index(emotion))
+            ids.append(f"d{_row_int(row, 'Dialogue_ID', where)}_u{_row_int(row, 'Utterance_ID', where)}")
+            texts.append(clean_transcript(row["Utterance"]))
+            who.append(clean_transcript(row["Speaker"]))
+        splits[split], speakers[split] = _text_only_split(labels, ids, texts), who
+    return _text_only_set(name, splits, EMOTIONS, speakers, folder)
+
+
+def load_iemocap_csv(path: str | os.PathLike, name: str = "iemocap") -> FeatureSet:
+    """iemocap_text.csv (or the folder holding it): its `split` column gives train/valid/test (test = session 5),
+    `label` the class index into IEMOCAP_LABELS (checked against the `emotion` column when there is one).
+
+    ids are "<dialogue_id>_u<utterance_index>" in file order; texts go through clean_transcript.
+    """
+    path = Path(path)
+    file = path / IEMOCAP_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(f"IEMOCAP file missing: {file}")
+    rows: dict[str, tuple[list, list, list, list]] = {s: ([], [], [], []) for s in SPLITS}
+    for i, row in enumerate(_read_csv(file, IEMOCAP_COLUMNS), 1):
+        where = f"{file} row {i}"
+        split = _SPLIT_ALIASES.get(row["split"].strip().lower())
+        if split is None:
+            raise DataError(f"{where}: unknown split {row['split']!r}; use train, valid (or dev) or test")
+        label = _row_int(row, "label", where)
+        if not 0 <= label < len(IEMOCAP_LABELS):
+            raise DataError(f"{where}: label {label} is outside 0-{len(IEMOCAP_LABELS) - 1} "
+                            f"({', '.join(IEMOCAP_LABELS)})")
+        emotion = row.get("emotion", "").strip().lower()
+        if emotion and emotion != IEMOCAP_LABELS[label]:
+            raise DataError(f"{where}: label {label} is {IEMOCAP_LABELS[label]!r} but the emotion column says "
+                            f"{row['emotion']!r}")
+        labels, ids, texts, who = rows[split]
+        labels.append(label)
+        ids.append(f"{row['dialogue_id'].strip()}_u{_row_int(row, 'utterance_index', where)}")
+        texts.append(clean_transcript(row["text"]))
+        who.append(clean_transcript(row["speaker"]))
+    empty = [s for s, r in rows.items() if not r[0]]
+    if empty:
+        raise DataError(f"{file} has no rows for split(s) {', '.join(empty)}; its split column needs train, "
+                        f"valid and test")
+    splits = {s: _text_only_split(*r[:3]) for s, r in rows.items()}
+    return _text_only_set(name, splits, IEMOCAP_LABELS, {s: r[3] for s, r in rows.items()}, file)
+
+
+def _csv_format(path: Path) -> str | None:
+    """"meld-csv" or "iemocap-csv" from a CSV file's header, None when it is neither."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+            header = {c.strip() for c in next(csv.reader(f), [])}
+    except (OSError, csv.Error):
+        return None
+    if set(MELD_COLUMNS) <= header:
+        return "meld-csv"
+    if set(IEMOCAP_COLUMNS) <= header:
+        return "iemocap-csv"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
 # The project's feature store: a directory of .npy/.json files, no pickle anywhere.
 
 STORE_FORMAT = "mcihn-feature-store"
@@ -584,27 +786,36 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Format detection and the single entry point
 
-FORMATS: tuple[str, ...] = ("mosi-npz", "mmsa-pickle", "store")
+FORMATS: tuple[str, ...] = ("mosi-npz", "mmsa-pickle", "store", "meld-csv", "iemocap-csv")
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """ "store" for a directory with meta.json, "mosi-npz" for .npz, "mmsa-pickle" for .pkl/.pickle."""
+    """ "store" for a directory with meta.json, "mosi-npz" for .npz, "mmsa-pickle" for .pkl/.pickle, "meld-csv"
+    for a folder with MELD's CSVs or one of them, "iemocap-csv" for iemocap_text.csv or its folder (CSV files
+    are told apart by their header)."""
     path = Path(path)
     if path.is_dir():
         if (path / "meta.json").is_file():
             return "store"
+        if (path / MELD_FILES["train"]).is_file():
+            return "meld-csv"
+        if (path / IEMOCAP_FILE).is_file():
+            return "iemocap-csv"
         raise DataError(
             f"{path} is a directory without meta.json, so not a feature store; point at a store, "
-            f"an .npz or a .pkl file"
+            f"an .npz or a .pkl file (or a folder of MELD/IEMOCAP transcript CSVs)"
         )
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return "mosi-npz"
     if suffix in (".pkl", ".pickle"):
         return "mmsa-pickle"
+    if suffix == ".csv" and (fmt := _csv_format(path)):
+        return fmt
     raise DataError(
         f"cannot tell the format of {path} from its name; pass one of {', '.join(FORMATS)} "
-        f"(.npz -> mosi-npz, .pkl/.pickle -> mmsa-pickle, folder with meta.json -> store)"
+        f"(.npz -> mosi-npz, .pkl/.pickle -> mmsa-pickle, folder with meta.json -> store, MELD/IEMOCAP "
+        f"transcript .csv -> meld-csv/iemocap-csv by their columns)"
     )
 
 
@@ -621,4 +832,8 @@ def load_dataset(path: str | os.PathLike, fmt: str = "auto", *, allow_pickle: bo
         return load_mmsa_pickle(path, allow_pickle=allow_pickle)
     if fmt == "store":
         return load_feature_store(path)
+    if fmt == "meld-csv":
+        return load_meld_csv(path)
+    if fmt == "iemocap-csv":
+        return load_iemocap_csv(path)
     raise DataError(f"unknown dataset format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
