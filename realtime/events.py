@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 SCHEMA_NAME = "mcihn-live/event"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-modality scores and the models behind them (`modalities`, `fusion`)
 
 
 @dataclass
@@ -43,6 +43,23 @@ class Presence:
 
 
 @dataclass
+class ModalityScores:
+    """One modality's own emotion scores this tick and the model that gave them.
+
+    scores: {label: probability} from this modality alone, or None when it gave none this tick (absent, or no
+    model scores it on its own: voice in the starter; every modality under MCIHN's joint fusion, whose extractors
+    only make features). model: the model that scored it (or, under MCIHN, the extractor of its features);
+    None when nothing runs on it."""
+
+    scores: dict[str, float] | None = None
+    model: str | None = None
+
+
+def _no_modalities() -> dict[str, ModalityScores]:
+    return {m: ModalityScores() for m in ("vision", "text", "audio")}
+
+
+@dataclass
 class EmotionEvent:
     """One tick's result.
 
@@ -54,6 +71,9 @@ class EmotionEvent:
     "capture_to_emit" from the capture of the newest input used to the emit, plus "vision", "audio", "text",
     "fusion" (this tick's work) and "asr" (the last ASR pass), each in milliseconds. skipped_ticks, dropped_frames:
     totals since the session start (not per event); a consumer that wants a rate takes differences.
+    modalities: vision/text/audio -> ModalityScores (each modality's own scores, and its model). fusion: how
+    `scores` were made from them ("late fusion: ..." for the starter's experts, "mcihn: CHECKPOINT" for MCIHN).
+    `scores` is empty when no modality gave a score (late fusion with no face and no words): nothing is invented.
     """
 
     seq: int
@@ -67,6 +87,8 @@ class EmotionEvent:
     untrained: bool = False
     skipped_ticks: int = 0
     dropped_frames: int = 0
+    modalities: dict[str, ModalityScores] = field(default_factory=_no_modalities)
+    fusion: str = ""
     schema: str = SCHEMA_NAME
     version: int = SCHEMA_VERSION
 
@@ -83,11 +105,15 @@ def _object(properties: dict, required: list[str] | None = None) -> dict:
 
 
 _NUMBER = {"type": "number"}
+_MODALITY_SCORES = _object({
+    "scores": {"oneOf": [{"type": "null"}, {"type": "object", "additionalProperties": _NUMBER, "minProperties": 1}]},
+    "model": {"type": ["string", "null"]},
+})
 _BOX = {"oneOf": [{"type": "null"}, {"type": "array", "items": {"type": "integer"}, "minItems": 4, "maxItems": 4}]}
 
 EVENT_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "mcihn-live EmotionEvent, version 1",
+    "title": f"mcihn-live EmotionEvent, version {SCHEMA_VERSION}",
     **_object({
         "schema": {"const": SCHEMA_NAME},
         "version": {"const": SCHEMA_VERSION},
@@ -96,7 +122,7 @@ EVENT_SCHEMA: dict = {
         "t_wall": _NUMBER,
         "t_mono": _NUMBER,
         "head": {"enum": ["regression", "classification"]},
-        "scores": {"type": "object", "additionalProperties": _NUMBER, "minProperties": 1},
+        "scores": {"type": "object", "additionalProperties": _NUMBER},
         "presence": _object({
             "vision": _object({"present": {"type": "boolean"}, "face": _BOX,
                                "frames": {"type": "integer", "minimum": 0}}),
@@ -110,5 +136,7 @@ EVENT_SCHEMA: dict = {
         "untrained": {"type": "boolean"},
         "skipped_ticks": {"type": "integer", "minimum": 0},
         "dropped_frames": {"type": "integer", "minimum": 0},
+        "modalities": _object({m: _MODALITY_SCORES for m in ("vision", "text", "audio")}),
+        "fusion": {"type": "string"},
     }),
 }

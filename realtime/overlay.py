@@ -49,6 +49,9 @@ def _panel(img: np.ndarray, x0: int, y0: int, x1: int, y1: int, alpha: float = 0
 
 def draw_scores(img: np.ndarray, event: EmotionEvent, x: int, y: int, width: int = 220) -> int:
     """A bar per label (classification) or a valence gauge from -3 to 3 (regression). Returns the next y."""
+    if not event.scores:
+        _text(img, "no face and no words yet", (x, y + 14), GREY, 0.5)
+        return y + 26
     if event.head == "regression":
         value = float(next(iter(event.scores.values())))
         _text(img, f"valence {value:+.2f}", (x, y + 14))
@@ -87,13 +90,19 @@ def render(frame: np.ndarray | None, event: EmotionEvent | None, fps: float = 0.
     if face is not None and frame is not None:
         x, y, fw, fh = (round(v * scale) for v in face)
         cv2.rectangle(img, (x, y), (x + fw, y + fh), GREEN, 2)
-    rows = len(event.scores) if event.head == "classification" else 2
+    own = [(name, event.modalities[m].scores) for m, name in (("vision", "face"), ("text", "text"))
+           if event.modalities[m].scores]
+    rows = (max(len(event.scores), 1) if event.head == "classification" else 2) + len(own)
     _panel(img, 0, 0, 250, 60 + rows * 22)
     y = 8
     if event.untrained:
-        _text(img, "UNTRAINED (demo models)", (10, y + 14), YELLOW, 0.5, 1)
+        _text(img, "UNTRAINED (random stand-ins)", (10, y + 14), YELLOW, 0.5, 1)
         y += 22
     y = draw_scores(img, event, 10, y)
+    for name, scores in own:  # each modality's own top emotion, under the fused bars
+        label, value = max(scores.items(), key=lambda kv: kv[1])
+        _text(img, f"{name}: {label} {value:.2f}", (10, y + 12), WHITE, 0.45)
+        y += 20
     p = event.presence
     flags = [("face", p.vision.present), ("voice", p.audio.voiced), ("text", p.text.present)]
     x = 10

@@ -24,7 +24,7 @@ import numpy as np
 from engines.extractor import Features
 from realtime.asr import AsrOptions
 from realtime.buffers import SAMPLE_RATE, AudioRing, LatestFrame
-from realtime.events import AudioPresence, EmotionEvent, Presence, TextPresence, VisionPresence
+from realtime.events import AudioPresence, EmotionEvent, ModalityScores, Presence, TextPresence, VisionPresence
 from realtime.scheduler import Ticker
 from realtime.windows import EmbeddedFrame, TextWindow, VisionWindow
 
@@ -41,6 +41,9 @@ class ConfigError(ValueError):
 class LiveConfig:
     """Everything `mcihn-live` can be told. Defaults run on a desktop with a camera and a microphone.
 
+    Models: `checkpoint` (a folder written by `mcihn train`: MCIHN fuses); else `standins` ("tiny" or "base": random
+    stand-ins of the paper's extractors and an untrained MCIHN, marked untrained: tests and `mcihn bench`); else the
+    starter recognizer (real face, speech and text models; realtime/starter.py). `demo`: the bundled clip as source.
     source: "devices" (camera + microphone), "push" (the host feeds frames and audio: Recognizer.push_*), or a
     video file / a folder written by `record`; None: the bundled clip with `demo`, else "devices". speed: a file
     source's replay speed (1: live pace); 0: as fast as possible, stepping by media time, never skipping a tick
@@ -53,7 +56,7 @@ class LiveConfig:
 
     checkpoint: str | None = None
     demo: bool = False
-    demo_size: str = "tiny"  # "base": the paper's architectures with random weights (mcihn bench --size base)
+    standins: str | None = None  # "tiny" | "base": random stand-in models (untrained) instead of the starter
     source: str | None = None
     camera: int | str = 0
     mic: int | str | None = None
@@ -83,9 +86,8 @@ class LiveConfig:
     queue_size: int = 256
 
     def __post_init__(self) -> None:
-        if not self.checkpoint and not self.demo:
-            raise ConfigError("no model to run: pass --checkpoint PATH (a folder written by `mcihn train`) or --demo "
-                              "(tiny untrained models on the bundled clip)")
+        if self.standins not in (None, "tiny", "base"):
+            raise ConfigError(f"standins must be 'tiny' or 'base', got {self.standins!r}")
         if self.source is None:
             from realtime.demo import DEMO_CLIP
 
@@ -111,6 +113,14 @@ class Stack:
     modalities: tuple[str, ...]
     untrained: bool
     asr_options: AsrOptions
+    models: dict[str, str | None] = field(default_factory=dict)  # modality -> the model behind it (events)
+    fusion_name: str = ""  # how the scores are fused (events' `fusion`)
+    metadata: dict = field(default_factory=dict)  # the checkpoint's
+    # The starter's experts: a face-expression model instead of a vision extractor, and late fusion over the
+    # modalities' own scores instead of MCIHN's joint fusion (which then scores text alone).
+    face: object | None = None  # engines.face.FaceExpert
+    late_fusion: object | None = None  # mcihn.late_fusion.LateFusion
+    text_scope: str = "window"  # "utterance": the sentence being spoken (AsrWorker.last_utterance) is encoded
 
 
 class TickBuffers:
@@ -124,6 +134,11 @@ class TickBuffers:
         self.inputs = {m: np.zeros((1, stack.seq_lens[m], stack.dims[m]), np.float32)
                        for m in ("vision", "text", "audio")}
         self.lengths = np.zeros((1, 3), np.int64)
+        # The vision window: MCIHN's vision input, or the face expert's per-frame probabilities (frames x labels).
+        self.vision_shape = ((stack.face.frames, len(stack.face.labels)) if stack.face is not None
+                             else (stack.seq_lens["vision"], stack.dims["vision"]))
+        self.vision = (np.zeros(self.vision_shape, np.float32) if stack.face is not None
+                       else self.inputs["vision"][0])
 
     def features(self, modality: str) -> np.ndarray:
         """The (seq_len, dim) fusion input of `modality`, to be filled."""
@@ -131,32 +146,48 @@ class TickBuffers:
 
 
 def load_stack(config: LiveConfig) -> Stack:
-    """Load the checkpoint (or build the demo's), its extractors (checked against its feature spec) and backends."""
-    from engines.backends import create_backend
-    from engines.export import mcihn_engine_model
-    from engines.extractors import ExtractorOptions, build_extractor
-    from mcihn.checkpoint import load_checkpoint
-    from mcihn.spec import NOT_EXTRACTED
-
+    """What the config asks to run: a checkpoint written by `mcihn train`, random stand-ins (`standins`), or, with
+    neither, the starter recognizer (real models, realtime/starter.py)."""
     asr_options = config.asr
-    if config.demo:
-        from realtime.demo import prepare_demo
-
-        folder = "demo" if config.demo_size == "tiny" else f"demo-{config.demo_size}"
-        demo = prepare_demo(Path(config.cache_dir).expanduser() / folder, config.demo_size)
-        checkpoint_dir = demo.checkpoint
-        asr_options = replace(asr_options, model=str(demo.whisper), language="en")
-    else:
+    if config.checkpoint:
         checkpoint_dir = Path(config.checkpoint)
         seeds = sorted(checkpoint_dir.glob("seed_*/config.json"))
         if not (checkpoint_dir / "config.json").exists() and seeds:
             checkpoint_dir = seeds[0].parent  # a run folder: its first seed
+        return load_checkpoint_stack(checkpoint_dir, config, asr_options)
+    if config.standins:
+        from realtime.demo import prepare_demo
+
+        folder = "demo" if config.standins == "tiny" else f"demo-{config.standins}"
+        demo = prepare_demo(Path(config.cache_dir).expanduser() / folder, config.standins)
+        return load_checkpoint_stack(demo.checkpoint, config, replace(asr_options, model=str(demo.whisper),
+                                                                      language="en"))
+    from realtime.starter import load_starter
+
+    return load_starter(config)
+
+
+def load_checkpoint_stack(checkpoint_dir: Path, config: LiveConfig, asr_options: AsrOptions) -> Stack:
+    """A checkpoint, its extractors (checked against its feature spec) and backends; MCIHN fuses."""
+    from engines.backends import create_backend
+    from engines.export import mcihn_engine_model
+    from engines.extractors import ExtractorOptions, build_extractor
+    from mcihn.checkpoint import load_checkpoint
+    from mcihn.spec import NOT_EXTRACTED, is_precomputed
+
     ckpt = load_checkpoint(checkpoint_dir)
-    options = ExtractorOptions.from_spec(ckpt.spec)
-    overridden = {m: path for m in ("vision", "text", "audio") if (path := getattr(config, f"{m}_model"))}
-    options = replace(options, **overridden)
     # Modalities the checkpoint was trained without (text-only features, say) stay absent live too.
     used = tuple(m for m in ckpt.model.config.modalities if ckpt.spec[m].extractor != NOT_EXTRACTED)
+    overridden = {m: path for m in ("vision", "text", "audio") if (path := getattr(config, f"{m}_model"))}
+    precomputed = [f"{m} by {ckpt.spec[m].extractor.removeprefix('precomputed:')}" for m in used
+                   if is_precomputed(ckpt.spec[m].extractor) and m not in overridden]
+    if precomputed:
+        raise ConfigError(
+            f"{checkpoint_dir} was trained on precomputed features ({', '.join(precomputed)}) whose extractors are "
+            f"not published as models, so it cannot run live; run `mcihn-live` without "
+            f"--checkpoint for the starter recognizer, or train MCIHN on features from `mcihn extract` (README)")
+    options = ExtractorOptions.from_spec(ckpt.spec)
+    options = replace(options, **overridden)
     extractors = {m: build_extractor(m, options) for m in used}
     offered = {m: extractors[m].spec if m in extractors else ckpt.spec[m] for m in ("vision", "text", "audio")}
     # Models loaded from elsewhere (a local copy): their ids and revisions cannot match, the rest must.
@@ -173,7 +204,10 @@ def load_stack(config: LiveConfig) -> Stack:
                             threads=threads)
     cfg = model.config
     return Stack(extractors, fusion, cfg.head, list(cfg.labels), dict(cfg.seq_lens), dict(cfg.input_dims),
-                 used, bool(ckpt.metadata.get("untrained", False)), asr_options)
+                 used, bool(ckpt.metadata.get("untrained", False)), asr_options,
+                 models={m: extractors[m].spec.extractor if m in extractors else None
+                         for m in ("vision", "text", "audio")},
+                 fusion_name=f"mcihn: {checkpoint_dir}", metadata=ckpt.metadata)
 
 
 def cpu_thread_budget(config: LiveConfig) -> int | None:
@@ -288,7 +322,8 @@ class Recognizer:
             host, port = parse_host_port(cfg.osc)
             sinks.append(OscSink(host, port))
         if cfg.lsl:
-            sinks.append(LslSink(rate_hz=1.0 / cfg.hop_s))
+            labels = self.stack.labels if self.stack.head == "classification" else ["valence"]
+            sinks.append(LslSink(rate_hz=1.0 / cfg.hop_s, scores=labels))
         if cfg.record:
             from realtime.recorder import Recorder
 
@@ -331,11 +366,12 @@ class Recognizer:
 
     def _start_workers(self) -> None:
         cfg, stack = self.config, self.stack
-        if "vision" in stack.modalities and (cfg.source != "devices" or cfg.use_camera):
-            vision = stack.extractors["vision"]
-            self.vision_window = VisionWindow(stack.seq_lens["vision"], stack.dims["vision"], cfg.window_s)
+        self._vision = stack.face if stack.face is not None else stack.extractors.get("vision")
+        if self._vision is not None and (cfg.source != "devices" or cfg.use_camera):
+            seq_len, dim = self._buffers.vision_shape
+            self.vision_window = VisionWindow(seq_len, dim, cfg.window_s)
             if not self._fast:
-                self._vision_thread = threading.Thread(target=self._vision_loop, args=(vision,),
+                self._vision_thread = threading.Thread(target=self._vision_loop, args=(self._vision,),
                                                        name="mcihn-vision", daemon=True)
                 self._vision_thread.start()
         else:
@@ -354,7 +390,8 @@ class Recognizer:
     def _words_committed(self, update) -> None:
         """On the ASR thread: re-encode the text window when words were committed."""
         if update.new_words:
-            self.text_window.update(self.asr.text_window())
+            utterance = self.stack.text_scope == "utterance"
+            self.text_window.update(self.asr.last_utterance() if utterance else self.asr.text_window())
 
     _text_version_seen = 0
 
@@ -491,7 +528,7 @@ class Recognizer:
                 if kind == "video":
                     self.latest_frame = data
                     if interval is not None and t >= next_vision:
-                        self._embed(self.stack.extractors["vision"], data, t)
+                        self._embed(self._vision, data, t)
                         next_vision += interval * max(1, int((t - next_vision) // interval) + 1)
                 else:
                     self.ring.write(data, t)
@@ -518,20 +555,23 @@ class Recognizer:
         presence = Presence()
 
         buffers = self._buffers
+        vision = None
         if self.vision_window is not None:
-            feats["vision"], newest = self.vision_window.snapshot(now, out=buffers.features("vision"))
+            vision, newest = self.vision_window.snapshot(now, out=buffers.vision)
+            if stack.face is None:
+                feats["vision"] = vision  # MCIHN's input; the starter's face scores are fused late instead
             if newest is not None:
                 newest_capture.append(newest.t_capture)
                 latency["vision"] = newest.extract_ms
-            faces = feats["vision"].info["faces"]
-            presence.vision = VisionPresence(feats["vision"].present, faces[-1] if faces else None,
-                                             feats["vision"].length)
+            faces = vision.info["faces"]
+            presence.vision = VisionPresence(vision.present, faces[-1] if faces else None, vision.length)
 
         samples, t_end = self.ring.read_last(self.config.window_s, out=buffers.audio)
         if t_end is not None and len(samples):
             newest_capture.append(t_end)  # the audio, or the speech the text comes from
+        presence.audio = self._voice_presence(samples, latency)
         if "audio" in stack.modalities:
-            feats["audio"], presence.audio = self._audio_features(samples, latency)
+            feats["audio"] = self._audio_features(samples, presence.audio, latency)
 
         if self.text_window is not None:
             committed, feats["text"], version, encode_ms = self.text_window.latest()
@@ -544,7 +584,11 @@ class Recognizer:
                 latency["asr"] = float(self.asr.last_pass_ms)
 
         start = time.perf_counter()
-        scores = self._fuse(feats)
+        if stack.late_fusion is None:
+            scores = self._fuse(feats)
+            modalities = {m: ModalityScores(None, stack.models.get(m)) for m in ("vision", "text", "audio")}
+        else:
+            scores, modalities = self._late_fuse(vision, feats.get("text"))
         latency["fusion"] = (time.perf_counter() - start) * 1e3
         t_emit = time.monotonic()
         latency["capture_to_emit"] = (self._now() - max(newest_capture)) * 1e3 if newest_capture else 0.0
@@ -555,34 +599,49 @@ class Recognizer:
             seq=self._seq, t_media=round(t_media, 4), t_wall=time.time(), t_mono=t_emit, head=stack.head,
             scores=scores, presence=presence, latency_ms={k: round(max(v, 0.0), 3) for k, v in latency.items()},
             untrained=stack.untrained, skipped_ticks=self.ticker.skipped if self.ticker else 0,
-            dropped_frames=self.frames.dropped,
+            dropped_frames=self.frames.dropped, modalities=modalities, fusion=stack.fusion_name,
         )
         self._seq += 1
         self._emit(event)
         if self._file is not None and self._file.finished:
             self._emitted_after_end = True
 
-    def _audio_features(self, samples: np.ndarray, latency: dict[str, float]) -> tuple[Features, AudioPresence]:
-        """The audio window's features; absent (length 0) when there is no audio or no speech in it."""
+    def _voice_presence(self, samples: np.ndarray, latency: dict[str, float]) -> AudioPresence:
+        """Is there audio in the window, and speech in it (Silero VAD)?"""
         from faster_whisper.vad import VadOptions, get_speech_timestamps
 
         seconds = len(samples) / SAMPLE_RATE
-        extractor = self.stack.extractors["audio"]
-        out = self._buffers.features("audio")
-        absent = Features(out, 0)
         if seconds < 0.1:
-            out.fill(0.0)
-            return absent, AudioPresence(False, False, round(seconds, 3))
+            return AudioPresence(False, False, round(seconds, 3))
         start = time.perf_counter()
         voiced = bool(get_speech_timestamps(samples, VadOptions(min_speech_duration_ms=100)))
         latency["vad"] = (time.perf_counter() - start) * 1e3
-        if not voiced:
+        return AudioPresence(True, voiced, round(seconds, 3))
+
+    def _audio_features(self, samples: np.ndarray, presence: AudioPresence, latency: dict[str, float]) -> Features:
+        """The audio window's features; absent (length 0) when there is no speech in it."""
+        out = self._buffers.features("audio")
+        if not presence.voiced:
             out.fill(0.0)
-            return absent, AudioPresence(True, False, round(seconds, 3))
+            return Features(out, 0)
         start = time.perf_counter()
-        feats = extractor.extract(samples, SAMPLE_RATE, out=out)
+        feats = self.stack.extractors["audio"].extract(samples, SAMPLE_RATE, out=out)
         latency["audio"] = (time.perf_counter() - start) * 1e3
-        return feats, AudioPresence(True, True, round(seconds, 3))
+        return feats
+
+    def _late_fuse(self, vision: Features | None, text: Features | None) -> tuple[dict, dict]:
+        """The starter: the face expert's scores (mean over the window's faces), the text model's (MCIHN run on
+        text alone), each calibrated, and their presence-weighted mean (mcihn/late_fusion.py)."""
+        stack, fusion = self.stack, self.stack.late_fusion
+        face = None
+        if vision is not None and vision.present:
+            mean = vision.values[: vision.length].mean(axis=0)
+            face = fusion.calibrated("vision", dict(zip(fusion.labels, mean.tolist(), strict=True)))
+        words = fusion.calibrated("text", self._fuse({"text": text})) if text is not None and text.present else None
+        modalities = {"vision": ModalityScores(face, stack.models.get("vision")),
+                      "text": ModalityScores(words, stack.models.get("text")),
+                      "audio": ModalityScores(None, None)}  # no voice-emotion model: presence only
+        return fusion.fuse({"vision": face, "text": words}) or {}, modalities
 
     def _fuse(self, feats: dict[str, Features]) -> dict[str, float]:
         """Run MCIHN on the features as they lie: vision and audio in the tick buffers, text in the text window's

@@ -66,7 +66,7 @@ def cache(tmp_path_factory) -> Path:
 
 
 def live_config(cache: Path, **kw) -> LiveConfig:
-    return LiveConfig(demo=True, cache_dir=str(cache), backend="torch", **kw)
+    return LiveConfig(demo=True, standins="tiny", cache_dir=str(cache), backend="torch", **kw)
 
 
 def run_all(config: LiveConfig, on_start=None) -> tuple[Recognizer, list]:
@@ -206,6 +206,9 @@ def test_long_replay_keeps_queues_bounded(clip, cache):
 # -- the command: faults give one line ------------------------------------------------------------------------
 
 
+DEMO = ("--demo", "--standins", "tiny")  # the bundled clip through tiny random stand-ins
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}  # headless unless the test sets one
     full_env.update({"HF_HUB_OFFLINE": "1", **(env or {})})
@@ -220,22 +223,43 @@ def assert_one_error_line(result: subprocess.CompletedProcess, *needles: str) ->
     assert len(errors) == 1 and all(n in errors[0] for n in needles), result.stderr
 
 
-def test_no_checkpoint_says_what_to_pass():
-    assert_one_error_line(run_cli(), "--checkpoint", "--demo")
-    with pytest.raises(ConfigError):
-        LiveConfig()
+def test_bad_config_says_what_to_pass():
+    assert LiveConfig().source == "devices" and LiveConfig(demo=True).source.endswith("demo.mp4")
+    with pytest.raises(ConfigError, match="standins"):
+        LiveConfig(standins="huge")
+    with pytest.raises(ConfigError, match="speed 0"):
+        LiveConfig(speed=0)
+
+
+def test_checkpoint_on_precomputed_features_says_it_cannot_run_live(tmp_path):
+    """A checkpoint trained on the shared CMU-MOSI features (text CNN, openSMILE, 3D-CNN: not models anyone can
+    run) is refused in one line that says so, and suggests nothing to download."""
+    import torch
+
+    from mcihn.checkpoint import save_checkpoint
+    from mcihn.data import load_dataset
+    from mcihn.model import MCIHN
+    from mcihn.train import config_for_data
+
+    data = load_dataset(Path(__file__).resolve().parents[2] / "shared/data/cmu-mosi/mosi_utterance_features.npz")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "mosi", MCIHN(config_for_data(data, latent_len=2, latent_dim=16, num_heads=2)),
+                           data.spec)
+    result = run_cli("--checkpoint", str(ckpt), "--no-asr")
+    assert_one_error_line(result, "precomputed features", "cannot run live", "declare-lab/text-cnn")
+    assert "hf download" not in result.stderr and "mcihn download" not in result.stderr
 
 
 def test_unreadable_file(cache, tmp_path):
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(os.urandom(5000))
-    assert_one_error_line(run_cli("--demo", "--cache-dir", str(cache), "--source", str(bad)), "cannot read")
-    assert_one_error_line(run_cli("--demo", "--cache-dir", str(cache), "--source", str(tmp_path / "none.mp4")),
+    assert_one_error_line(run_cli(*DEMO, "--cache-dir", str(cache), "--source", str(bad)), "cannot read")
+    assert_one_error_line(run_cli(*DEMO, "--cache-dir", str(cache), "--source", str(tmp_path / "none.mp4")),
                           "does not exist")
 
 
 def test_no_camera_and_no_microphone(cache):
-    result = run_cli("--demo", "--cache-dir", str(cache), "--source", "devices", "--camera", "7", "--mic", "nothing")
+    result = run_cli(*DEMO, "--cache-dir", str(cache), "--source", "devices", "--camera", "7", "--mic", "nothing")
     assert_one_error_line(result, "no camera and no microphone")
     assert "camera 7 could not be opened" in result.stderr  # each missing device said once, in one line
 
@@ -266,7 +290,7 @@ def test_model_missing_offline(cache, tmp_path):
 
 
 def test_no_display_runs_headless(cache):
-    result = run_cli("--demo", "--cache-dir", str(cache), "--duration", "2", "--no-asr")
+    result = run_cli(*DEMO, "--cache-dir", str(cache), "--duration", "2", "--no-asr")
     assert result.returncode == 0, result.stderr
     assert "no display found; running headless" in result.stderr and "Traceback" not in result.stderr
     assert "updates" in result.stderr.splitlines()[-1]
@@ -276,7 +300,7 @@ def test_ctrl_c_shuts_down_promptly_and_flushes(cache, tmp_path):
     jsonl = tmp_path / "events.jsonl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("DISPLAY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "realtime", "--demo", "--cache-dir", str(cache), "--loop",
+    proc = subprocess.Popen([sys.executable, "-m", "realtime", *DEMO, "--cache-dir", str(cache), "--loop",
                              "--jsonl", str(jsonl), "--quiet"], stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 90
     while (not jsonl.exists() or len(jsonl.read_text().splitlines()) < 8) and time.monotonic() < deadline:
@@ -311,7 +335,7 @@ def test_overlay_window_under_xvfb(cache, tmp_path):
         time.sleep(1.0)
         jsonl = tmp_path / "events.jsonl"
         env = {**os.environ, "DISPLAY": display, "HF_HUB_OFFLINE": "1"}
-        app = subprocess.Popen([sys.executable, "-m", "realtime", "--demo", "--cache-dir", str(cache), "--loop",
+        app = subprocess.Popen([sys.executable, "-m", "realtime", *DEMO, "--cache-dir", str(cache), "--loop",
                                 "--no-asr", "--jsonl", str(jsonl), "--duration", "60", "--quiet"], env=env,
                                stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 90
@@ -352,7 +376,7 @@ def test_checkpoint_without_some_modalities_runs_them_absent(cache, tmp_path):
             events.append(event)
             if len(events) == 4:
                 break
-    assert all(not e.presence.vision.present and not e.presence.audio.present for e in events)
+    assert all(not e.presence.vision.present and not e.presence.audio.voiced for e in events)
 
 
 @needs_espeak

@@ -179,7 +179,8 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
     from realtime.recognizer import LiveConfig, Recognizer
 
     asr = AsrOptions(model=args.asr_model) if args.asr_model else AsrOptions()
-    config = LiveConfig(checkpoint=args.checkpoint, demo=args.checkpoint is None, demo_size=args.size,
+    config = LiveConfig(checkpoint=args.checkpoint, demo=args.checkpoint is None,
+                        standins=args.size if args.checkpoint is None else None,
                         source=args.clip, loop=True, hop_s=args.hop, backend=backend, device=args.device,
                         threads=args.threads,
                         use_asr=not args.no_asr, asr=asr, cache_dir=args.cache_dir)

@@ -1,10 +1,12 @@
-"""Rebuild realtime/assets/demo.mp4, the clip `mcihn-live --demo` replays (kept in the repository, ~0.2 MB).
+"""Rebuild realtime/assets/demo.mp4, the clip `mcihn-live --demo` replays (kept in the repository, ~0.3 MB).
 
-Picture: NASA's public-domain portrait of astronaut Eileen Collins (scikit-image's `astronaut`), 320 x 320,
-with a slow zoom so the face box moves; speech: espeak-ng (Debian package espeak-ng); then two seconds of an
-empty frame and silence, so the demo also shows vision and audio going absent.
+Three scenes, each a real face and an espeak-ng sentence of a clearly different emotion, with a pause between:
+a smiling face (NASA's public-domain portrait of astronaut Eileen Collins, scikit-image's `astronaut`) saying a
+joyful sentence; a neutral face (the U.S. Navy's public-domain portrait of Grace Hopper, matplotlib's sample
+data) saying an angry one, then a sad one; then two seconds of an empty frame and silence, so the demo also shows
+the face and the voice going absent. A slow zoom keeps the face box moving.
 
-    .venv/bin/python -m tools.make_demo_clip            # needs scikit-image (dev extra) and espeak-ng
+    .venv/bin/python -m tools.make_demo_clip            # needs scikit-image, matplotlib (dev extra), espeak-ng
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-SPEECH = ("Hello! I am really happy to see you today. This is a demo of live emotion recognition, "
-          "with my face, my voice and my words.")
+# (face, sentence): the emotion each sentence is meant to show is in docs/models.md.
+SCENES = (
+    ("astronaut", "I am so happy today! This is wonderful news, I love it!"),
+    ("hopper", "I hate this! Get out of here, I am furious with you!"),
+    ("hopper", "I am so sad. I miss her terribly, and I cannot stop crying."),
+)
 FPS = 15
 SIZE = 320
+PAUSE_S = 1.5
 BLANK_S = 2.0
 
 
@@ -39,17 +46,29 @@ def speech(text: str) -> tuple[np.ndarray, int]:
     return samples, rate
 
 
-def frames(n_face: int, n_blank: int) -> list[np.ndarray]:
-    from skimage.data import astronaut
+def face_image(name: str) -> tuple[np.ndarray, float]:
+    """A real face photo (BGR) and where its face lies across the width (fraction of the free margin)."""
+    if name == "astronaut":
+        from skimage.data import astronaut
 
-    image = cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR)
+        return cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR), 0.4
+    from matplotlib import cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        data = np.frombuffer(f.read(), np.uint8)
+    return cv2.imdecode(data, cv2.IMREAD_COLOR), 0.5
+
+
+def frames(name: str, n: int) -> list[np.ndarray]:
+    """n frames of a face with a slow zoom (1.0 -> 1.25) centred on it."""
+    image, across = face_image(name)
+    side = min(image.shape[:2])
     out = []
-    for i in range(n_face):
-        zoom = 1.0 + 0.25 * i / max(n_face - 1, 1)  # 1.0 -> 1.25, centred on the face
-        crop = int(image.shape[0] / zoom)
-        x0 = int((image.shape[1] - crop) * 0.4)
+    for i in range(n):
+        zoom = 1.0 + 0.25 * i / max(n - 1, 1)
+        crop = int(side / zoom)
+        x0 = int((image.shape[1] - crop) * across)
         out.append(cv2.resize(image[:crop, x0 : x0 + crop], (SIZE, SIZE), interpolation=cv2.INTER_AREA))
-    out += [np.full((SIZE, SIZE, 3), 24, np.uint8)] * n_blank
     return out
 
 
@@ -58,11 +77,16 @@ def main(out: str | Path | None = None) -> Path:
     from realtime.demo import DEMO_CLIP
 
     out = out or DEMO_CLIP
-    audio, rate = speech(SPEECH)
-    audio = np.concatenate([audio, np.zeros(int(BLANK_S * rate), np.float32)])
-    n_face = int(round((len(audio) / rate - BLANK_S) * FPS))
-    path = write_clip(out, frames(n_face, int(BLANK_S * FPS)), FPS, audio=audio, sample_rate=rate, codec="libx264",
-                      bit_rate=300_000)
+    audio, video, rate = [], [], 22050
+    for face, sentence in SCENES:
+        said, rate = speech(sentence)
+        said = np.concatenate([said, np.zeros(int(PAUSE_S * rate), np.float32)])
+        audio.append(said)
+        video += frames(face, int(round(len(said) / rate * FPS)))
+    audio.append(np.zeros(int(BLANK_S * rate), np.float32))
+    video += [np.full((SIZE, SIZE, 3), 24, np.uint8)] * int(BLANK_S * FPS)
+    audio = np.concatenate(audio)
+    path = write_clip(out, video, FPS, audio=audio, sample_rate=rate, codec="libx264", bit_rate=150_000)
     print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB, {len(audio) / rate:.1f} s)", file=sys.stderr)
     return path
 
