@@ -8,7 +8,7 @@ One small interface, three implementations:
 
 `create_backend(model, "auto")` picks the fastest the machine has: TensorRT, else torch fp16 with CUDA graphs on
 a GPU; onnxruntime, else torch on the CPU (onnxruntime runs BERT about twice as fast on our CPUs,
-ENVIRONMENT.md). Optional packages are imported only when their backend is asked for; a missing one raises
+docs/design.md). Optional packages are imported only when their backend is asked for; a missing one raises
 `BackendUnavailableError` naming the extra to install.
 """
 

@@ -8,7 +8,7 @@ TensorRT's engine, a file changed since it was built) is a miss, and the engine 
 deserialised foreign engine can crash the process or silently compute garbage.
 
 `tensorrt` is imported inside functions only: the key and cache logic below is plain Python and is tested on
-machines without TensorRT (ENVIRONMENT.md: not installable here). Building follows TensorRT 10's Python API
+machines without TensorRT (docs/design.md: not installable here). Building follows TensorRT 10's Python API
 (builder -> network from the ONNX parser -> one optimisation profile -> serialized engine).
 """
 

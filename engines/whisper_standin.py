@@ -1,6 +1,6 @@
 """A tiny random Whisper converted to CTranslate2, so faster-whisper runs offline through its real code path.
 
-No Whisper weights can be downloaded on our machines (docs/ENVIRONMENT.md, "faster-whisper offline"). Tests,
+No Whisper weights can be downloaded on our machines (docs/design.md, "faster-whisper offline"). Tests,
 `mcihn-live --demo` and `mcihn bench` build this stand-in instead: a byte-level BPE trained on a few sentences
 with the Whisper special tokens appended in Whisper's order, a randomly initialised
 `WhisperForConditionalGeneration` with the real positional limits (1500 audio frames, 448 text tokens) and the

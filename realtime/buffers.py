@@ -1,4 +1,4 @@
-"""Bounded buffers between the capture threads and the workers (DESIGN.md: bounded buffers everywhere).
+"""Bounded buffers between the capture threads and the workers (docs/design.md: bounded buffers everywhere).
 
 - LatestFrame: one video slot; a new frame overwrites the old one (latest frame wins) and an overwritten frame
   that no consumer took is counted in `dropped`.

@@ -49,7 +49,7 @@ class LiveConfig:
     source's replay speed (1: live pace); 0: as fast as possible, stepping by media time, never skipping a tick
     (offline scoring of a recording: capture_to_emit then measures in media time, without processing time).
     hop_s: one update per hop (0.25 s: 4 updates/s, the CPU budget
-    of DESIGN.md). window_s: the audio window (2.56 s = Wav2Vec2's 128 frames) and the span of the vision
+    of docs/design.md). window_s: the audio window (2.56 s = Wav2Vec2's 128 frames) and the span of the vision
     window's frames. vision_model/text_model/audio_model: where to load the checkpoint's extractors from when
     not from its model ids (a local folder holding the same model).
     """
@@ -124,7 +124,7 @@ class Stack:
 
 
 class TickBuffers:
-    """The arrays a tick fills in place, allocated once per session (DESIGN.md: no allocation on the tick path):
+    """The arrays a tick fills in place, allocated once per session (docs/design.md: no allocation on the tick path):
     the audio window read from the ring, and the fusion engine's inputs, (1, seq_len, dim) per modality plus
     the lengths. The windows and the audio extractor write straight into the fusion inputs. Only the tick
     thread touches them (the ticker never runs two ticks at once)."""

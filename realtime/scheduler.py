@@ -1,7 +1,7 @@
 """The tick clock: call `tick()` every hop on one thread; a tick due while the previous one still runs is skipped.
 
 Skipped ticks are counted, never queued, so when inference is slower than the hop the update rate drops but
-latency cannot grow over a long session (DESIGN.md, data flow).
+latency cannot grow over a long session (docs/design.md, data flow).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Capture sources: camera, microphone and push (the host application feeds its own media).
 
 Each device source runs in its own thread and stamps every item on arrival with `time.monotonic()`, the one
-clock of the live pipeline (DESIGN.md). Video goes into a `LatestFrame` slot (latest frame wins, drops
+clock of the live pipeline (docs/design.md). Video goes into a `LatestFrame` slot (latest frame wins, drops
 counted); audio is mixed to mono, resampled to 16 kHz and written into an `AudioRing`.
 
 Faults are one line each (`SourceError` when a device cannot be opened; `source.error` when it stops during the

@@ -1,4 +1,4 @@
-"""Sliding windows over the live streams, each holding work already done (DESIGN.md: work is done once).
+"""Sliding windows over the live streams, each holding work already done (docs/design.md: work is done once).
 
 - VisionWindow: the last N frame embeddings (each frame embedded once, as it enters), with face boxes.
 - TextWindow: the text features of the committed ASR words, re-encoded only when those words change.

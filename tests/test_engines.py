@@ -1,7 +1,7 @@
 """Engines: backends, ONNX export and parity, the TensorRT engine cache, and `mcihn build`.
 
 ONNX -> onnxruntime (CPU) is tested in full here. TensorRT is not installable on these machines
-(ENVIRONMENT.md): its key and cache logic is plain Python and tested with a fake builder; building and running
+(docs/design.md): its key and cache logic is plain Python and tested with a fake builder; building and running
 real engines is tested where `import tensorrt` works and there is a GPU, and skipped with the reason elsewhere.
 """
 
@@ -480,7 +480,7 @@ def test_find_or_build_engine_uses_injected_builder(tmp_path, generic_onnx, monk
 @needs_onnx
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 2e-2)])
 def test_tensorrt_engine_matches_torch(tmp_path, mcihn_onnx, precision, tolerance):
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed (not installable here, ENVIRONMENT.md)")
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (not installable here, docs/design.md)")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
     from engines.tensorrt import TensorRTBackend, find_or_build_engine

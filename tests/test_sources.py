@@ -1,4 +1,4 @@
-"""Capture sources and their buffers, without hardware (docs/ENVIRONMENT.md).
+"""Capture sources and their buffers, without hardware (docs/design.md).
 
 The camera is a video file written by cv2.VideoWriter; the microphone is captured end to end (PortAudio, ALSA,
 the callback, the worker, the resampler, the ring) from ALSA's file plugin over the null device, in a child

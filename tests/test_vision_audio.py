@@ -15,7 +15,7 @@ from engines.extractors import ExtractorOptions
 from engines.hub import ModelNotAvailableError
 from engines.vision import ClipPreprocess, FaceDetector, FrameEmbeddings, VisionExtractor
 
-ASTRONAUT_FACE = (177, 66, 95, 95)  # OpenCV 4.x's frontal-face cascade on skimage's astronaut (ENVIRONMENT.md)
+ASTRONAUT_FACE = (177, 66, 95, 95)  # OpenCV 4.x's frontal-face cascade on skimage's astronaut (docs/design.md)
 
 
 @pytest.fixture(scope="module")

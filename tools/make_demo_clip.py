@@ -3,7 +3,7 @@
 Three scenes, each a real face and an espeak-ng sentence of a clearly different emotion, with a pause between:
 a smiling face (NASA's public-domain portrait of astronaut Eileen Collins, scikit-image's `astronaut`) saying a
 joyful sentence; a neutral face (the U.S. Navy's public-domain portrait of Grace Hopper, matplotlib's sample
-data) saying an angry one, then a sad one; then two seconds of an empty frame and silence, so the demo also shows
+data) saying an angry one, then a sad one; then 3.5 seconds of an empty frame and silence (longer than the 2.56 s window), so the demo also shows
 the face and the voice going absent. A slow zoom keeps the face box moving.
 
     .venv/bin/python -m tools.make_demo_clip            # needs scikit-image, matplotlib (dev extra), espeak-ng
@@ -30,7 +30,7 @@ SCENES = (
 FPS = 15
 SIZE = 320
 PAUSE_S = 1.5
-BLANK_S = 2.0
+BLANK_S = 3.5
 
 
 def speech(text: str) -> tuple[np.ndarray, int]:
