@@ -476,19 +476,18 @@ class AsrWorker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def last_utterance(self, min_words: int = 4) -> str:
-        """The words of the sentence being spoken (committed words after the last sentence end), or, while it has
-        fewer than `min_words`, the last complete sentence followed by them: one utterance, as text models
-        trained on utterances (MELD) expect, rather than a window that mixes sentences of different emotions."""
+    def last_utterance(self, min_words: int = 3) -> str:
+        """One utterance, as text models trained on utterances (MELD) expect, rather than a window that mixes
+        sentences of different emotions: the last complete sentence while the next one has fewer than `min_words`
+        committed words, then the sentence being spoken."""
         with self._lock:
             words = list(self._words)
-        ends = [i for i, w in enumerate(words[:-1]) if ends_sentence(w)]
+        ends = [i for i, w in enumerate(words) if ends_sentence(w)]
         start = ends[-1] + 1 if ends else 0
-        if len(words) - start < min_words and len(ends) > 1:
-            start = ends[-2] + 1
-        elif len(words) - start < min_words:
-            start = 0
-        return join_words(words[start:])
+        if len(words) - start >= min_words or not ends:
+            return join_words(words[start:])  # the sentence being spoken (or none finished yet)
+        previous = ends[-2] + 1 if len(ends) > 1 else 0
+        return join_words(words[previous : ends[-1] + 1])  # the last complete sentence
 
     def text_window(self, max_words: int | None = None) -> str:
         """The last `max_words` (default AsrOptions.window_words) committed words as text: the text extractor's

@@ -318,3 +318,20 @@ def test_worker_reports_errors_instead_of_dying_silently():
     assert caught.wait(2.0)
     assert isinstance(worker.error, OSError) and "unplugged" in str(worker.error)
     assert worker.stop(timeout=2.0) and not worker.alive
+
+
+def test_last_utterance_is_one_sentence_never_two_emotions():
+    """The starter's text model scores one utterance: the last complete sentence until the next has 3 words."""
+    from realtime.asr import AsrWorker, Word
+
+    worker = AsrWorker(SimpleNamespace(options=AsrOptions()), lambda since: (np.zeros(0, np.float32), None))
+
+    def say(text: str) -> str:
+        worker._words.extend(Word(0.0, 0.0, " " + w) for w in text.split())
+        return worker.last_utterance()
+
+    assert say("I am so") == "I am so"  # nothing finished yet: the words so far
+    assert say("happy today.") == "I am so happy today."
+    assert say("I love it.") == "I love it."  # a short complete sentence stands alone
+    assert say("I hate") == "I love it."  # two words of the next: the last complete sentence still
+    assert say("this so much") == "I hate this so much"
