@@ -56,12 +56,28 @@ def resolve_model(model_id: str | os.PathLike, revision: str | None = None) -> M
         except Exception:  # noqa: BLE001 - no network, no such repo, no permission: one message for all
             path = None
     if path is None:
-        raise ModelNotAvailableError(
-            f"model {model_id!r} is not in the local Hugging Face cache and the hub cannot be reached; fetch it "
-            f"on a connected machine with `hf download {model_id}` (then copy ~/.cache/huggingface), or pass a "
-            f"local folder written by save_pretrained"
-        )
+        raise ModelNotAvailableError(_not_available(model_id))
     return ModelSource(model_id, path, Path(path).name)
+
+
+def _not_available(model_id: str) -> str:
+    """Why `model_id` cannot be loaded, with the fix; `mcihn download` is suggested only for a hub model id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from mcihn.spec import is_precomputed
+
+    if is_precomputed(model_id):
+        return (f"{model_id!r} names features computed outside this project, not a model that can be loaded or "
+                f"downloaded; use a checkpoint trained on features from `mcihn extract` or `mcihn extract-text`")
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        return (f"model {model_id!r} is neither a local folder nor a Hugging Face model id; pass a folder written "
+                f"by save_pretrained")
+    return (f"model {model_id!r} is not in the local Hugging Face cache and the hub cannot be reached; on a "
+            f"connected machine run `mcihn download --checkpoint CHECKPOINT` (or `mcihn download --model "
+            f"{model_id}`), then copy its Hugging Face cache (~/.cache/huggingface) here; or pass a local folder "
+            f"written by save_pretrained")
 
 
 def _folder_revision(folder: Path) -> str:

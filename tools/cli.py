@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools import bench, bench_models, build, extract, extract_text
+from tools import bench, bench_models, build, download, extract, extract_text
 
 EXAMPLES = """examples:
   mcihn train --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --out runs/mosi --seeds 5
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     bench_models.add_parser(sub)
     build.add_parser(sub)
+    download.add_parser(sub)
 
     demo = sub.add_parser("demo", help="train MCIHN (5 seeds) and the ridge baseline on CMU-MOSI, print both")
     demo.add_argument("--data", default="../shared/data/cmu-mosi/mosi_utterance_features.npz")
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "baseline": cmd_baseline, "demo": cmd_demo,
                 "extract-text": extract_text.run, "bench-models": bench_models.run,
-                "build": build.run, "extract": extract.run, "bench": bench.run}
+                "build": build.run, "download": download.run, "extract": extract.run, "bench": bench.run}
     try:
         return handlers[args.command](args)
     except (DataError, CheckpointError, SpecMismatchError, ModelNotAvailableError, ValueError,
