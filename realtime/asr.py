@@ -230,7 +230,8 @@ def resolve_whisper_model(model: str | os.PathLike) -> str:
             continue
     raise ModelNotAvailableError(
         f"faster-whisper model {model!r} ({repo}) is not in the local Hugging Face cache and the hub cannot be "
-        f"reached; fetch it on a connected machine with `hf download {repo}` (then copy ~/.cache/huggingface), "
+        f"reached; fetch it on a connected machine with `mcihn download --asr-model {model}` (then copy "
+        f"~/.cache/huggingface), "
         f"or pass a local CTranslate2 folder")
 
 

@@ -173,7 +173,8 @@ def test_uncached_model_offline_names_model_and_fix(monkeypatch, tmp_path):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
-    with pytest.raises(ModelNotAvailableError, match=r"'base' \(Systran/faster-whisper-base\).*hf download"):
+    fix = r"'base' \(Systran/faster-whisper-base\).*mcihn download --asr-model base"
+    with pytest.raises(ModelNotAvailableError, match=fix):
         StreamingTranscriber(AsrOptions(model="base"))
     with pytest.raises(ModelNotAvailableError, match="unknown faster-whisper model 'huge'"):
         resolve_whisper_model("huge")

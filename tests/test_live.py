@@ -286,7 +286,7 @@ def test_model_missing_offline(cache, tmp_path):
     ckpt = demo_checkpoint_with_spec(cache, tmp_path / "ckpt", vision={"extractor": "nobody/no-such-clip"})
     assert_one_error_line(run_cli("--checkpoint", str(ckpt), "--cache-dir", str(cache), "--no-asr",
                                   env={"HF_HOME": str(tmp_path / "hf")}),
-                          "nobody/no-such-clip", "hf download")
+                          "nobody/no-such-clip", "mcihn download")
 
 
 def test_no_display_runs_headless(cache):
