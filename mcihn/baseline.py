@@ -1,4 +1,5 @@
-"""A linear early-fusion baseline: mean-pooled modality features, concatenated, fed to closed-form ridge.
+"""Linear early-fusion baselines: mean-pooled modality features, concatenated, fed to closed-form ridge
+(regression, or one-hot classes) or to multinomial logistic regression (classification).
 
 It gives a floor that any fusion model must beat on the same features, and a quick sanity check that the
 features carry signal at all (a useless feature set gives Corr ~ 0 here too).
@@ -130,9 +131,12 @@ class RidgeBaseline:
         return self._decode(self._design(split) @ self.coef_ + self.intercept_)
 
 
-def run_baseline(feature_set: FeatureSet, **kwargs) -> dict[str, dict[str, float]]:
-    """Fit a RidgeBaseline (kwargs go to it) and return compute_metrics for every split, keyed by split."""
-    model = RidgeBaseline(**kwargs).fit(feature_set)
+def run_baseline(feature_set: FeatureSet, model: str = "ridge", **kwargs) -> dict[str, dict[str, float]]:
+    """Fit a baseline ("ridge": RidgeBaseline, "logreg": LogisticBaseline; kwargs go to it) and return
+    compute_metrics for every split, keyed by split."""
+    if model not in BASELINES:
+        raise ValueError(f"unknown baseline {model!r}; use one of {', '.join(BASELINES)}")
+    model = BASELINES[model](**kwargs).fit(feature_set)
     return {
         name: compute_metrics(
             feature_set.task, feature_set.metric_family, model.predict(split), split.labels, model.num_classes
@@ -140,3 +144,129 @@ def run_baseline(feature_set: FeatureSet, **kwargs) -> dict[str, dict[str, float
         for name, split in feature_set.splits.items()
         if len(split) > 0
     }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Multinomial logistic regression (classification): the linear floor for emotion classes.
+
+DEFAULT_PENALTIES: tuple[float, ...] = tuple(float(p) for p in 10.0 ** np.arange(0.0, -6.5, -0.5))
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C,) float64 weights n / (C * count_c) (scikit-learn's "balanced"); a class absent from `labels` gets 0."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    return np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+
+
+@dataclass
+class LogisticBaseline:
+    """Multinomial softmax regression with intercept and an L2 penalty on the weights, on standardised
+    early-fusion features (each modality mean-pooled over its valid steps, as for the ridge).
+
+    Minimises mean_i w_i CE_i / mean_i w_i + penalty / 2 * ||W||^2 (the intercept is not penalised) with
+    full-batch L-BFGS (scipy) in float64, from the strongest penalty to the weakest, each fit warm-started from the
+    previous one. The penalty is chosen on the valid split by weighted F1 (ties keep the stronger penalty).
+    `class_weight` is None (every sample 1) or "balanced" (w_i = n / (C * count of i's class) on train).
+    """
+
+    penalties: tuple[float, ...] = DEFAULT_PENALTIES
+    modalities: tuple[str, ...] = MODALITIES
+    class_weight: str | None = None
+    max_iter: int = 500
+    penalty: float | None = None
+    num_classes: int | None = None
+    valid_scores: dict[float, float] = field(default_factory=dict, repr=False)  # penalty -> valid weighted F1
+    mean_: np.ndarray | None = field(default=None, repr=False)  # (F,)
+    scale_: np.ndarray | None = field(default=None, repr=False)  # (F,)
+    coef_: np.ndarray | None = field(default=None, repr=False)  # (F, C)
+    intercept_: np.ndarray | None = field(default=None, repr=False)  # (C,)
+
+    task = "classification"
+
+    def _design(self, split: FeatureSplit) -> np.ndarray:
+        return (early_fusion_features(split, self.modalities) - self.mean_) / self.scale_
+
+    def _solve(self, x: np.ndarray, onehot: np.ndarray, weights: np.ndarray, penalty: float,
+               init: np.ndarray | None) -> np.ndarray:
+        """One L-BFGS fit from `init`; returns the parameters flattened: (F + 1, C) weights with the intercept
+        as the last row."""
+        from scipy.optimize import minimize
+
+        n_features, n_classes = x.shape[1], onehot.shape[1]
+        w = weights / weights.sum()  # (N,) sample weights summing to 1
+
+        def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            params = theta.reshape(n_features + 1, n_classes)
+            coef, bias = params[:-1], params[-1]
+            logits = x @ coef + bias
+            logits -= logits.max(axis=1, keepdims=True)
+            log_norm = np.log(np.exp(logits).sum(axis=1, keepdims=True))
+            log_p = logits - log_norm
+            loss = -float(np.sum(w * np.sum(onehot * log_p, axis=1))) + 0.5 * penalty * float(np.sum(coef * coef))
+            residual = (np.exp(log_p) - onehot) * w[:, None]  # (N, C): d loss / d logits
+            grad = np.vstack([x.T @ residual + penalty * coef, residual.sum(axis=0)[None]])
+            return loss, grad.ravel()
+
+        start = np.zeros((n_features + 1) * n_classes) if init is None else init
+        result = minimize(loss_and_grad, start, jac=True, method="L-BFGS-B",
+                          options={"maxiter": self.max_iter, "gtol": 1e-7, "ftol": 1e-12})
+        return result.x
+
+    def fit(self, feature_set: FeatureSet) -> LogisticBaseline:
+        """Fit on feature_set["train"], choosing the penalty on feature_set["valid"] (unless only one)."""
+        from mcihn.metrics import weighted_f1
+
+        if feature_set.task != "classification":
+            raise ValueError(f"LogisticBaseline needs a classification dataset; {feature_set.name!r} is "
+                             f"{feature_set.task} (use the ridge)")
+        if self.class_weight not in (None, "balanced"):
+            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
+        penalties = sorted((float(p) for p in self.penalties), reverse=True)
+        if not penalties:
+            raise ValueError("LogisticBaseline needs at least one penalty")
+        train = feature_set["train"]
+        labels = np.asarray(train.labels, dtype=np.int64)
+        self.num_classes = len(feature_set.label_names or []) or int(labels.max()) + 1
+        raw = early_fusion_features(train, self.modalities)
+        self.mean_ = raw.mean(axis=0)
+        std = raw.std(axis=0)
+        self.scale_ = np.where(std < _MIN_STD, 1.0, std)
+        x = (raw - self.mean_) / self.scale_
+        onehot = np.eye(self.num_classes)[labels]
+        per_class = (balanced_class_weights(labels, self.num_classes) if self.class_weight == "balanced"
+                     else np.ones(self.num_classes))
+        x_valid = valid_labels = None
+        if len(penalties) > 1:
+            valid = feature_set["valid"]
+            if len(valid) == 0:
+                raise ValueError(f"dataset {feature_set.name!r} has an empty valid split; cannot choose the penalty")
+            x_valid, valid_labels = self._design(valid), np.asarray(valid.labels)
+        best_score, theta, self.valid_scores = -np.inf, None, {}
+        for penalty in penalties:
+            theta = self._solve(x, onehot, per_class[labels], penalty, theta)
+            params = theta.reshape(-1, self.num_classes)
+            if x_valid is None:
+                self.penalty, self.coef_, self.intercept_ = penalty, params[:-1], params[-1]
+                break
+            score = weighted_f1(valid_labels, (x_valid @ params[:-1] + params[-1]).argmax(axis=1))
+            self.valid_scores[penalty] = score
+            if score > best_score:  # strict: ties keep the stronger penalty (tried first)
+                best_score = score
+                self.penalty, self.coef_, self.intercept_ = penalty, params[:-1], params[-1]
+        return self
+
+    def predict_proba(self, split: FeatureSplit) -> np.ndarray:
+        """(N, C) float64 class probabilities."""
+        if self.coef_ is None:
+            raise RuntimeError("LogisticBaseline.predict_proba called before fit")
+        logits = self._design(split) @ self.coef_ + self.intercept_
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def predict(self, split: FeatureSplit) -> np.ndarray:
+        """(N,) int64 class indices."""
+        return self.predict_proba(split).argmax(axis=1)
+
+
+BASELINES: dict[str, type] = {"ridge": RidgeBaseline, "logreg": LogisticBaseline}

@@ -542,11 +542,13 @@ def load_meld_csv(path: str | os.PathLike, name: str = "meld") -> FeatureSet:
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
+    missing = [str(folder / f) for f in MELD_FILES.values() if not (folder / f).is_file()]
+    if missing:
+        raise DataError(f"MELD file missing: {', '.join(missing)}; a MELD folder holds "
+                        f"{', '.join(MELD_FILES.values())}")
     splits, speakers = {}, {}
     for split, file_name in MELD_FILES.items():
         file = folder / file_name
-        if not file.is_file():
-            raise DataError(f"MELD file missing: {file}; a MELD folder holds {', '.join(MELD_FILES.values())}")
         labels, ids, texts, who = [], [], [], []
         for i, row in enumerate(_read_csv(file, MELD_COLUMNS), 1):
             where = f"{file} row {i}"

@@ -30,12 +30,13 @@ def generator_loss(fake_logits: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
 
 
-def task_loss(prediction: Tensor, target: Tensor, head: str) -> Tensor:
+def task_loss(prediction: Tensor, target: Tensor, head: str, class_weight: Tensor | None = None) -> Tensor:
     """Eq. 18: mean absolute error for the regression head; cross-entropy for the classification head
-    (an L1 between softmax scores and a class index is not a proper classification loss)."""
+    (an L1 between softmax scores and a class index is not a proper classification loss). `class_weight` (C,)
+    weighs each sample's cross-entropy by its class (the weighted mean, as torch's `weight=`)."""
     if head == "regression":
         return F.l1_loss(prediction, target.to(prediction.dtype))
-    return F.cross_entropy(prediction, target.long())
+    return F.cross_entropy(prediction, target.long(), weight=class_weight)
 
 
 def gaussian_mmd(x: Tensor, y: Tensor, scales: tuple[float, ...]) -> Tensor:

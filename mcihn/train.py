@@ -48,6 +48,8 @@ class TrainConfig:
     lr_decay_patience: int = 2
     # A validation improvement smaller than this does not count (stops long tails of tiny gains).
     min_delta: float = 1e-3
+    # Classification: "none", or "balanced" to weigh each class's cross-entropy by n / (C * its train count).
+    class_weights: str = "none"
     device: str = "cpu"
     progress: bool = True
 
@@ -102,6 +104,19 @@ def feature_stats(split: FeatureSplit, modality: str) -> tuple[Tensor, Tensor]:
     return torch.as_tensor(steps.mean(0), dtype=torch.float32), torch.as_tensor(steps.std(0), dtype=torch.float32)
 
 
+def class_weights(data: FeatureSet, kind: str, device: torch.device | str = "cpu") -> Tensor | None:
+    """(C,) float32 cross-entropy weights for `kind` ("none" -> None; "balanced" -> n / (C * count_c) on the
+    train split, 0 for a class absent from it)."""
+    if kind == "none" or data.task != "classification":
+        return None
+    if kind != "balanced":
+        raise ValueError(f"unknown class weights {kind!r}; use none or balanced")
+    labels = np.asarray(data["train"].labels, dtype=np.int64)
+    counts = np.bincount(labels, minlength=len(data.label_names)).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (len(counts) * np.maximum(counts, 1)), 0.0)
+    return torch.as_tensor(weights, dtype=torch.float32, device=device)
+
+
 def drop_modalities(lengths: Tensor, probability: float, modalities: tuple[str, ...]) -> Tensor:
     """Modality dropout: hide each present modality of a sample with `probability`, keeping at least one."""
     if probability <= 0:
@@ -149,6 +164,7 @@ class Trainer:
             mean, std = feature_stats(data["train"], m)
             self.model.set_feature_stats(m, mean.to(self.device), std.to(self.device))
         self.adaptive = AdaptiveLoss(model_config).to(self.device)
+        self.class_weight = class_weights(data, train_config.class_weights, self.device)
         self.train_tensors = SplitTensors(data["train"], self.device)
         self.valid_tensors = SplitTensors(data["valid"], self.device)
         self.generator = torch.Generator().manual_seed(train_config.seed)
@@ -209,7 +225,7 @@ class Trainer:
         """Algorithm 1 lines 14-23: CGMM, FFM, L(Combined) = L(Mul) + lambda * L(Adp)."""
         lengths = drop_modalities(batch.lengths, self.cfg.modality_dropout, self.cfg.modalities)
         out = self.model.forward_train(batch.features, lengths)
-        mul = task_loss(out.prediction, batch.labels, self.cfg.head)
+        mul = task_loss(out.prediction, batch.labels, self.cfg.head, self.class_weight)
         adp = self.adaptive(out.codes, out.pair_features, out.present) if self.cfg.use_cgmm else mul.new_zeros(())
         self._step("joint", mul + self.cfg.adaptive_loss_weight * adp)
         return {"task": mul.item(), "adaptive": adp.item()}

