@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.backends import Backend, OnnxRuntimeBackend, TorchBackend, require
-from engines.extractor import EngineModel
+from engines.runtime import Backend, EngineModel, OnnxRuntimeBackend, TorchBackend, require
 from mcihn.model import MCIHN
 from mcihn.spec import MODALITIES
 

@@ -1,25 +1,23 @@
 """What every extractor shares: the window of features it yields, and its neural core as an engine model.
 
-An extractor = preprocessing (numpy/OpenCV, on the calling thread) + a neural core run by a backend
-(engines/backends.py: torch, onnxruntime or TensorRT). The core is described once as an `EngineModel` (a torch
-module with named inputs and outputs); the same description is run by torch, exported to ONNX and compiled
-to TensorRT, which is what keeps the backends interchangeable and the ONNX parity checks meaningful.
+An extractor = preprocessing (numpy/OpenCV, on the calling thread) + a neural core run by a backend (torch,
+onnxruntime or TensorRT: engines/runtime.py, engines/tensorrt.py, chosen by engines/backends.py). The core is
+described once as an `EngineModel` (engines/runtime.py: a torch module with named inputs and outputs); the same
+description is run by torch, exported to ONNX and compiled to TensorRT, which is what keeps the backends
+interchangeable and the ONNX parity checks meaningful.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from engines.runtime import Backend, EngineModel, TorchBackend
 from mcihn.spec import ModalitySpec
 
-if TYPE_CHECKING:
-    import torch
-
-    from engines.backends import Backend
+__all__ = ["EngineModel", "Extractor", "Features", "pack_window"]  # EngineModel: re-exported from engines.runtime
 
 
 @dataclass
@@ -54,28 +52,6 @@ def pack_window(steps: np.ndarray, seq_len: int, out: np.ndarray | None = None) 
     return out, len(kept)
 
 
-@dataclass
-class EngineModel:
-    """A neural core with named inputs and outputs.
-
-    module.forward takes the inputs positionally in `example_inputs` order and returns a tensor or a tuple in
-    `output_names` order. `dynamic_axes` names the axes that may vary (ONNX export, TensorRT profiles):
-    {input or output name: {axis: axis name}}. `shape_profile` gives, per input, the (min, opt, max) shapes
-    a compiled engine must accept (TensorRT optimisation profiles).
-    """
-
-    name: str
-    module: torch.nn.Module
-    example_inputs: dict[str, np.ndarray]
-    output_names: tuple[str, ...]
-    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
-    shape_profile: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(self.example_inputs)
-
-
 class Extractor(ABC):
     """Base of the vision, text and audio extractors.
 
@@ -96,8 +72,6 @@ class Extractor(ABC):
     @property
     def backend(self) -> Backend:
         if self._backend is None:
-            from engines.backends import TorchBackend
-
             self._backend = TorchBackend(self.engine_model())
         return self._backend
 

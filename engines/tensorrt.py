@@ -26,8 +26,7 @@ from types import ModuleType
 
 import numpy as np
 
-from engines.backends import PRECISIONS, Backend, BackendUnavailableError, require
-from engines.extractor import EngineModel
+from engines.runtime import PRECISIONS, Backend, BackendUnavailableError, EngineModel, require
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +222,8 @@ def build_engine(onnx_path: str | Path, shape_profile: Mapping[str, tuple] | Pro
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if precision == "fp16":
         if not hasattr(trt.BuilderFlag, "FP16"):
-            raise ValueError(f"TensorRT {trt.__version__} has no FP16 builder flag (strongly typed networks only); "
-                             f"build with precision fp32, or use tensorrt 10")
+            raise BackendUnavailableError(f"TensorRT {trt.__version__} has no FP16 builder flag (strongly typed "
+                                          f"networks only); build with precision fp32, or use tensorrt 10")
         config.set_flag(trt.BuilderFlag.FP16)
 
     profile = builder.create_optimization_profile()
@@ -287,7 +286,8 @@ class TensorRTBackend(Backend):
         with torch.cuda.device(self.device):
             self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
             if self.engine is None:
-                raise RuntimeError(f"TensorRT cannot load {self.engine_path}; delete it and run `mcihn build` again")
+                raise BackendUnavailableError(f"TensorRT cannot load {self.engine_path}; delete it and run "
+                                              f"`mcihn build` again")
             self.context = self.engine.create_execution_context()
             self.stream = torch.cuda.Stream(self.device)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mcihn.config import MCIHNConfig
@@ -26,6 +28,30 @@ CONFIG_FILE = "config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint folder is missing, incomplete or unreadable."""
+
+
+_RETRAIN = "retrain it (`mcihn train`) or copy the folder again"
+_FIX = f"the checkpoint is damaged: {_RETRAIN}"
+
+
+def _reason(err: BaseException) -> str:
+    """An exception as a short phrase for a one-line message."""
+    lines = str(err).strip().splitlines()
+    if isinstance(err, KeyError):
+        return f"missing {lines[0]}" if lines else "a missing field"
+    return lines[0] if lines else type(err).__name__
+
+
+def _size_mismatch(err: RuntimeError) -> str:
+    """torch's load_state_dict error (a line per tensor) as "TENSOR is [8, 32] in the weights, [8, 64] in the
+    config (and N more)"."""
+    found = re.findall(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                       r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", str(err))
+    if not found:
+        return _reason(err)
+    name, stored, expected = found[0]
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return f"{name} is {stored} in the weights, {expected} in the config{more}"
 
 
 @dataclass
@@ -71,32 +97,56 @@ def save_checkpoint(directory: str | Path, model: MCIHN, spec: FeatureSpec, meta
 
 
 def load_checkpoint(directory: str | Path, map_location: str = "cpu") -> Checkpoint:
-    """Rebuild the model from `config.json` and load `model.safetensors` strictly."""
+    """Rebuild the model from `config.json` and load `model.safetensors` strictly.
+
+    A damaged checkpoint (truncated or unreadable weights, a config.json without a usable model config, weights
+    that belong to another config) raises CheckpointError with one line: what is wrong, in which file, and how
+    to fix it (retrain, or copy the folder again)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {directory} (train one with `mcihn train`)")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} has no {name}; it is incomplete, retrain or re-copy it")
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{directory / CONFIG_FILE} is not valid JSON ({err})") from None
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{config_path} cannot be read ({_reason(err)}); {_FIX}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} is not an MCIHN checkpoint config (a JSON {type(config).__name__}); "
+                              f"{_FIX}")
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{directory} is not an MCIHN checkpoint (format={config.get('format')!r})")
-    if config.get("version", 0) > VERSION:
-        raise CheckpointError(f"{directory} was written by a newer mcihn (version {config['version']}); upgrade")
-    model = MCIHN(MCIHNConfig.from_dict(config["model"]))
-    state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    version = config.get("version", 0)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{config_path} has an invalid version {version!r}; {_FIX}")
+    if version > VERSION:
+        raise CheckpointError(f"{directory} was written by a newer mcihn (version {version}); upgrade")
+    if not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{config_path} has no model config (\"model\"); {_FIX}")
+    try:
+        model = MCIHN(MCIHNConfig.from_dict(config["model"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{config_path} has an unusable model config ({_reason(err)}); {_FIX}") from None
+    try:
+        state = load_file(str(weights_path), device=map_location)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights_path} is damaged or truncated ({_reason(err)}); {_FIX}") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # tensor sizes differ from the config's (torch says so in one line per tensor)
+        raise CheckpointError(f"{weights_path} does not fit its {CONFIG_FILE} ({_size_mismatch(err)}); the two come "
+                              f"from different models: {_RETRAIN}") from None
     if missing or unexpected:
         raise CheckpointError(
-            f"{directory / WEIGHTS_FILE} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"{weights_path} does not fit {config_path}: missing {missing[:3]}, unexpected {unexpected[:3]}; {_FIX}"
         )
     model.eval()
     try:
         spec = FeatureSpec.from_dict(config["feature_spec"])
-    except (KeyError, TypeError) as err:
-        raise SpecMismatchError(f"{directory / CONFIG_FILE} has no usable feature_spec ({err})") from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise SpecMismatchError(f"{config_path} has no usable feature_spec ({_reason(err)})") from None
     return Checkpoint(model=model.to(torch.device(map_location)), spec=spec, metadata=config.get("metadata", {}),
                       path=directory)
+

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 
 EXAMPLES = """examples:
   mcihn-live                                         # the starter recognizer: camera 0 + default microphone
@@ -75,6 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args):
+    """The LiveConfig the arguments ask for; ConfigError (one line) when they cannot run as given."""
+    from realtime.recognizer import ConfigError
+    from realtime.sinks import parse_host_port
+
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    for address in (args.ws, args.osc):
+        if address:
+            parse_host_port(address)  # a bad address is said before seconds of model loading (AddressError)
+    try:  # AsrOptions and LiveConfig check their values with ValueError: the user's input, not a bug
+        return _config_from_args(args)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _config_from_args(args):
     from realtime.asr import AsrOptions
     from realtime.recognizer import DEFAULT_CACHE, LiveConfig
 
@@ -120,9 +139,12 @@ def run_session(rec, overlay: bool, duration: float | None, quiet: bool) -> None
 
     window = OverlayWindow() if overlay else None
     start, last_status, last_seq, rate = time.monotonic(), 0.0, -1, 0.0
-    shown_seq = -1
+    shown_seq, faults_shown = -1, len(rec.faults)  # those met while starting were printed already
     try:
         while not rec.finished and (duration is None or time.monotonic() - start < duration):
+            for fault in rec.faults[faults_shown:]:  # a camera unplugged, speech recognition stopped, ...: once
+                print(f"mcihn-live: {fault}", file=sys.stderr, flush=True)
+            faults_shown = len(rec.faults)
             event = rec.latest_event
             now = time.monotonic()
             if event is not None and now - last_status >= 1.0:
@@ -143,52 +165,115 @@ def run_session(rec, overlay: bool, duration: float | None, quiet: bool) -> None
             window.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The faults a user can meet (arguments, devices, files, models not cached, damaged or mismatched
+    checkpoints): one `mcihn-live: error:` line and exit 2. Anything else is a bug and keeps its traceback."""
     from engines.backends import BackendUnavailableError
+    from engines.face import FaceModelsMissingError
     from engines.hub import ModelNotAvailableError
+    from engines.media import MediaError
     from mcihn.checkpoint import CheckpointError
     from mcihn.spec import SpecMismatchError
-    from realtime.overlay import display_available
-    from realtime.recognizer import ConfigError, Recognizer
+    from realtime.recognizer import ConfigError
     from realtime.sinks import SinkError
-    from realtime.sources import SourceError, list_devices
+    from realtime.sources import SourceError
 
-    args = build_parser().parse_args(argv)
+    return (ConfigError, CheckpointError, SpecMismatchError, ModelNotAvailableError, SourceError, SinkError,
+            BackendUnavailableError, FaceModelsMissingError, MediaError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 the session ended (end of the file, --duration, q/Esc, Ctrl+C or SIGTERM once running);
+    1 events were lost (an output failed: a full disk) or a bug (its traceback is printed); 2 an expected fault
+    (one line); 130 Ctrl+C before the recognizer was running (imports, model loading)."""
+    try:
+        code = _run(build_parser().parse_args(argv))
+    except KeyboardInterrupt:  # during start-up, or a second Ctrl+C while stopping: no traceback
+        print("mcihn-live: stopping", file=sys.stderr)
+        code = 130
+    if code == 130:
+        # Python 3.11 counts a Ctrl+C raised inside exec() (dataclasses and torch run exec while they import) as
+        # unhandled, and at exit kills the process with SIGINT whatever main returned. Nothing runs yet (the
+        # recognizer, if any, is stopped): leave now, with the exit code we mean.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    return code
+
+
+def _run(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="mcihn-live: %(message)s")
     if args.list_devices:
+        from realtime.sources import list_devices
+
         print(list_devices())
         return 0
-    expected = (ConfigError, CheckpointError, SpecMismatchError, ModelNotAvailableError, SourceError, SinkError,
-                BackendUnavailableError, ValueError, FileNotFoundError)
-    rec, code = None, 0
     # SIGTERM (a supervisor, a closed terminal) shuts down like Ctrl+C: outputs flushed, threads joined.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    from realtime.overlay import display_available
+    from realtime.recognizer import Recognizer
+
+    expected = expected_errors()
+    rec, code, running, bug = None, 0, False, None
     try:
         config = config_from_args(args)
         overlay = not args.no_overlay and display_available()
         if not args.no_overlay and not overlay:
             print("mcihn-live: no display found; running headless (events go to the outputs and this terminal)",
                   file=sys.stderr)
-        rec = Recognizer(config).start()
-        for fault in rec.faults:
-            print(f"mcihn-live: {fault}", file=sys.stderr)
+        rec = Recognizer(config)
+        rec.start()
+        running = True
+        _announce(rec, args)
         run_session(rec, overlay, args.duration, args.quiet)
     except expected as err:
         print(f"mcihn-live: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("mcihn-live: stopping", file=sys.stderr)
-    finally:
-        if rec is not None:
-            rec.stop(timeout=2.0)
+        code = 0 if running else 130
+    except Exception as err:  # a bug: stop cleanly first, then show its traceback (exit 1)
+        bug = err
+    if rec is not None:
+        rec.stop(timeout=2.0)
+        if running:
             _summary(rec)
-            if rec.lingering():
-                # An ASR pass is still running in native code: outputs are flushed, so leave now rather than
-                # wait for it (Ctrl+C must take 2 s) or let interpreter shutdown run under it (it can abort).
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+        if _report_losses(rec):
+            code = code or 1
+        if rec.lingering():
+            # An ASR pass is still running in native code: outputs are flushed, so leave now rather than
+            # wait for it (Ctrl+C must take 2 s) or let interpreter shutdown run under it (it can abort).
+            if bug is not None:
+                traceback.print_exception(bug)
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    if bug is not None:
+        raise bug
     return code
+
+
+def _announce(rec, args) -> None:
+    """What was set up that the user cannot see otherwise: the WebSocket port (--ws 0 picks a free one), faults."""
+    from realtime.sinks import WebSocketSink
+
+    ws = rec.sinks.find(WebSocketSink) if args.ws and rec.sinks is not None else None
+    if ws is not None:
+        print(f"mcihn-live: WebSocket on {ws.url}", file=sys.stderr, flush=True)
+    for fault in rec.faults:
+        print(f"mcihn-live: {fault}", file=sys.stderr)
+
+
+def _report_losses(rec) -> bool:
+    """One error line per output that failed (its events are lost) and for a recording that stopped."""
+    lines = [failure.line() for failure in (rec.sinks.failures if rec.sinks is not None else [])]
+    recorder = getattr(rec, "recorder", None)
+    if recorder is not None and recorder.error:
+        lines.append(f"{recorder.error}; the recording in {recorder.folder} is incomplete")
+    for line in lines:
+        print(f"mcihn-live: error: {line}", file=sys.stderr)
+    return bool(lines)
 
 
 def _summary(rec) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
+import math
 import time
 import wave
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from realtime.buffers import SAMPLE_RATE, AudioRing, LatestFrame
 from realtime.sources import Source, SourceError
 
 RECORD_VIDEO, RECORD_AUDIO, RECORD_EVENTS = "video.mp4", "audio.wav", "events.jsonl"
+RECORD_TIMING, RECORD_FORMAT = "recording.json", "mcihn-recording"  # how audio.wav and video.mp4 line up
 
 
 def _container_items(path: Path, video: bool = True, audio: bool = True) -> Iterator[tuple[float, str, np.ndarray]]:
@@ -79,19 +82,42 @@ def _wav_items(path: Path, block_s: float = 0.02) -> Iterator[tuple[float, str, 
             yield t, "audio", samples
 
 
+def recording_offsets(folder: str | Path) -> tuple[float, float]:
+    """(video, audio) start times of a --record folder on one media timeline that starts at 0: the recorder
+    saves when the first audio sample came relative to the first frame (recording.json, realtime/recorder.py).
+    A folder without it (an older recording, or only one of the two streams) starts both at 0."""
+    path = Path(folder) / RECORD_TIMING
+    if not path.is_file():
+        return 0.0, 0.0
+    try:
+        timing = json.loads(path.read_text())
+        offset = float(timing["audio_offset_s"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SourceError(f"{path} is unreadable ({err}); delete it to replay audio and video unaligned") from None
+    if not math.isfinite(offset):
+        raise SourceError(f"{path} has an invalid audio_offset_s {offset}; delete it to replay unaligned")
+    return max(0.0, -offset), max(0.0, offset)
+
+
+def _shifted(items: Iterator[tuple[float, str, np.ndarray]], by: float) -> Iterator[tuple[float, str, np.ndarray]]:
+    return ((t + by, kind, data) for t, kind, data in items) if by else items
+
+
 def media_items(path: str | Path) -> Iterator[tuple[float, str, np.ndarray]]:
-    """Items of a video file, or of a recording folder (video.mp4 + audio.wav), in media-time order."""
+    """Items of a video file, or of a recording folder (video.mp4 + audio.wav, aligned by recording.json), in
+    media-time order."""
     path = Path(path)
     if path.is_dir():
         video, audio = path / RECORD_VIDEO, path / RECORD_AUDIO
         if not video.is_file() and not audio.is_file():
             raise SourceError(f"{path} is a folder without {RECORD_VIDEO} or {RECORD_AUDIO}; pass a video file or a "
                               f"folder written by --record")
+        video_start, audio_start = recording_offsets(path)
         parts = []
         if video.is_file():
-            parts.append(_container_items(video, audio=False))
+            parts.append(_shifted(_container_items(video, audio=False), video_start))
         if audio.is_file():
-            parts.append(_wav_items(audio))
+            parts.append(_shifted(_wav_items(audio), audio_start))
         return heapq.merge(*parts, key=lambda item: item[0])
     if not path.is_file():
         raise SourceError(f"video file {path} does not exist")

@@ -17,6 +17,7 @@ import contextlib
 import errno
 import ipaddress
 import math
+import os
 import re
 import sys
 import threading
@@ -25,11 +26,12 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from realtime.events import SCHEMA_NAME, SCHEMA_VERSION, EmotionEvent
 
 Report = Callable[[str], None]
+S = TypeVar("S", bound="Sink")
 
 
 def report_stderr(line: str) -> None:
@@ -45,6 +47,10 @@ class SinkError(RuntimeError):
     """An expected fault when opening an output (port in use, unwritable file, missing extra): one clear line."""
 
 
+class AddressError(SinkError, ValueError):
+    """A --ws / --osc address that cannot be used as given (a user's input, not a bug)."""
+
+
 def parse_host_port(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     """"HOST:PORT", "[IPv6]:PORT" or "PORT" -> (host, port); a bare port (or ":PORT") means `default_host`."""
     spec = text.strip()
@@ -54,13 +60,13 @@ def parse_host_port(text: str, default_host: str = "127.0.0.1") -> tuple[str, in
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise ValueError(f"bad address {text!r}: put an IPv6 host in brackets, e.g. [::1]:8765")
+        raise AddressError(f"bad address {text!r}: put an IPv6 host in brackets, e.g. [::1]:8765")
     try:
         port = int(port_text)
     except ValueError:
-        raise ValueError(f"bad address {text!r}: expected HOST:PORT or PORT, e.g. 127.0.0.1:8765 or 8765") from None
+        raise AddressError(f"bad address {text!r}: expected HOST:PORT or PORT, e.g. 127.0.0.1:8765 or 8765") from None
     if not 0 <= port <= 65535:
-        raise ValueError(f"bad address {text!r}: the port must be in 0..65535")
+        raise AddressError(f"bad address {text!r}: the port must be in 0..65535")
     return host or default_host, port
 
 
@@ -84,6 +90,13 @@ class Sink:
     def name(self) -> str:
         return type(self).__name__
 
+    @property
+    def destination(self) -> str:
+        """Where the events go, for a line that says they were lost ("events could not be sent to ...")."""
+        return self.name
+
+    lost_verb = "sent to"
+
     def open(self) -> Sink:
         return self
 
@@ -101,34 +114,57 @@ class Sink:
 
 
 class JsonlSink(Sink):
-    """One JSON object per line, flushed after every event so a crash loses nothing already emitted.
+    """One JSON object per line, handed to the OS after every event so a crash loses nothing already emitted.
 
-    The file is appended to (a rerun never destroys a recording); each session starts again at seq 0.
+    The file is appended to (a rerun never destroys a recording); each session starts again at seq 0. A write
+    that fails (a full disk: OSError ENOSPC) raises, and a line it wrote in part is cut off again, so the file
+    always ends with a whole event (SinkGroup then reports the fault and counts the events lost).
     """
+
+    lost_verb = "written to"
 
     def __init__(self, path: str | Path):
         super().__init__()
         self.path = Path(path)
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
+        self._size: int | None = None  # bytes of whole events in the file (None: not seekable, a pipe)
 
     @property
     def name(self) -> str:
         return f"JSONL {self.path}"
 
+    @property
+    def destination(self) -> str:
+        return str(self.path)
+
     def open(self) -> JsonlSink:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8", buffering=1)
+            self._file = open(self.path, "ab", buffering=0)  # unbuffered: every write goes to the OS at once
         except OSError as err:
             raise SinkError(f"cannot write events to {self.path}: {err.strerror or err}; "
                             "pick a writable file for --jsonl") from None
+        self._size = self._file.seek(0, os.SEEK_END) if self._file.seekable() else None
         return self
 
     def send(self, event: EmotionEvent) -> None:
         if self._file is None:
             return
-        self._file.write(event.to_json() + "\n")
-        self._file.flush()  # to the OS now: a crash of this process loses nothing already written
+        data = memoryview((event.to_json() + "\n").encode("utf-8"))
+        written = 0
+        try:
+            while written < len(data):
+                n = self._file.write(data[written:])
+                if not n:  # a non-blocking pipe that is full: never spin on the tick thread
+                    raise OSError(errno.EAGAIN, "the file took no bytes")
+                written += n
+        except OSError:
+            if written and self._size is not None:
+                with contextlib.suppress(OSError):  # cut the partial line: the file ends with a whole event
+                    os.ftruncate(self._file.fileno(), self._size)
+            raise
+        if self._size is not None:
+            self._size += written
         self.sent += 1
 
     def close(self, timeout: float = 1.0) -> None:
@@ -322,7 +358,7 @@ class OscSink(Sink):
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, prefix: str = "/mcihn"):
         super().__init__()
         if not 1 <= port <= 65535:
-            raise ValueError(f"the OSC port must be in 1..65535, got {port}")
+            raise AddressError(f"the OSC port must be in 1..65535, got {port}")
         self.host, self.port = host, port
         self.prefix = "/" + prefix.strip("/")
         self._client: Any = None  # pythonosc.udp_client.SimpleUDPClient
@@ -539,8 +575,29 @@ class CallbackSink(Sink):
                                  "it are counted, not shown; the recognizer goes on")
 
 
+@dataclass(eq=False)
+class SinkFailure:
+    """A sink that failed and was disabled, and how many events it did not get (the one it failed on, and every
+    event after it)."""
+
+    sink: Sink
+    error: BaseException
+    lost: int = 1
+
+    @property
+    def reason(self) -> str:
+        strerror = getattr(self.error, "strerror", None)
+        return strerror if isinstance(self.error, OSError) and strerror else _one_line(self.error)
+
+    def line(self) -> str:
+        """"events could not be written to FILE (No space left on device); 12 events lost"."""
+        return (f"events could not be {self.sink.lost_verb} {self.sink.destination} ({self.reason}); "
+                f"{self.lost} event{'' if self.lost == 1 else 's'} lost")
+
+
 class SinkGroup(Sink):
     """Fan-out: sends each event to every sink. A sink that raises is reported once and disabled; the others go on.
+    What the disabled sinks lost is in `failures` (lost data: a command exits non-zero).
 
     `open()` fails with the first sink that cannot open (closing those already open). `close(timeout)` closes
     every sink within `timeout` seconds in total: each gets an equal share of what is left.
@@ -550,6 +607,7 @@ class SinkGroup(Sink):
         self.sent = 0  # no super().__init__(): the group's `dropped` is the sum over its sinks
         self.sinks: list[Sink] = list(sinks)
         self.failed: dict[str, str] = {}  # sink name -> the error that disabled it
+        self.failures: list[SinkFailure] = []  # the same sinks, with the events each one lost
         self._report = report
         self._active: list[Sink] = []
         self._lock = threading.Lock()  # send (tick thread) vs close (main thread)
@@ -557,6 +615,10 @@ class SinkGroup(Sink):
     def add(self, sink: Sink) -> Sink:
         self.sinks.append(sink)
         return sink
+
+    def find(self, kind: type[S]) -> S | None:
+        """The first sink of type `kind` (say WebSocketSink, to read the port it serves on), or None."""
+        return next((sink for sink in self.sinks if isinstance(sink, kind)), None)
 
     def open(self) -> SinkGroup:
         opened: list[Sink] = []
@@ -574,6 +636,8 @@ class SinkGroup(Sink):
 
     def send(self, event: EmotionEvent) -> None:
         with self._lock:
+            for failure in self.failures:  # a disabled sink loses this event
+                failure.lost += 1
             for sink in list(self._active):
                 try:
                     sink.send(event)
@@ -584,6 +648,7 @@ class SinkGroup(Sink):
     def _disable(self, sink: Sink, err: Exception) -> None:
         self._active.remove(sink)
         self.failed[sink.name] = _one_line(err)
+        self.failures.append(SinkFailure(sink, err))
         self._report(f"output {sink.name} failed and is disabled: {_one_line(err)}")
         with contextlib.suppress(Exception):
             sink.close(0.1)

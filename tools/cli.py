@@ -39,6 +39,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mcihn.config import ABLATIONS
+
     parser = argparse.ArgumentParser(prog="mcihn", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,15 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(train)
     train.add_argument("--out", default="runs/mcihn", help="run folder (resumed if it exists)")
     train.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1); reports mean and std")
-    train.add_argument("--ablation", default="full", help="full | -VT | -VA | -TA | MCIHN-1 | MCIHN-2")
+    train.add_argument("--ablation", default="full", choices=list(ABLATIONS),
+                       help="full | -VT | -VA | -TA | MCIHN-1 | MCIHN-2")
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--patience", type=int, default=5)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--preset", default="auto",
+    train.add_argument("--preset", default="auto", choices=("auto", *PRESETS),
                        help="auto | paper | utterance | small (auto: utterance when all T=1, else paper)")
     train.add_argument("--dropout", type=float, default=None, help="model dropout (default: the config's, 0.5)")
-    train.add_argument("--class-weights", default="none",
+    train.add_argument("--class-weights", default="none", choices=("none", "balanced"),
                        help="classification: none | balanced (cross-entropy weighted by inverse class frequency)")
     train.add_argument("--fresh", action="store_true", help="ignore an existing run folder's state")
     train.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -208,12 +211,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from engines.hub import ModelNotAvailableError
-    from mcihn.checkpoint import CheckpointError
-    from mcihn.data import DataError
-    from mcihn.spec import SpecMismatchError
+# The faults a user can meet (bad arguments or data, damaged checkpoints, models not cached, missing packages or
+# hardware), by the module that defines them: one `mcihn CMD: error:` line and exit 2. Any other exception is
+# a bug and keeps its traceback (exit 1). Looked up among the modules already imported (only those can have
+# raised), so a command does not import torch or the live pipeline just to name their errors.
+EXPECTED_ERRORS = {
+    "mcihn.data": ("DataError",), "mcihn.checkpoint": ("CheckpointError",), "mcihn.spec": ("SpecMismatchError",),
+    "engines.hub": ("ModelNotAvailableError",), "engines.backends": ("BackendUnavailableError",),
+    "engines.media": ("MediaError",), "engines.face": ("FaceModelsMissingError",),
+    "engines.export": ("ExportError",), "tools.download": ("DownloadError",), "tools.extract": ("ExtractError",),
+    "realtime.recognizer": ("ConfigError",), "realtime.sources": ("SourceError",), "realtime.sinks": ("SinkError",),
+}
 
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    found = [getattr(sys.modules[module], name) for module, names in EXPECTED_ERRORS.items()
+             if module in sys.modules for name in names]
+    return (*found, FileNotFoundError)  # a --data, --labels or --root path that does not exist
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "baseline": cmd_baseline, "demo": cmd_demo,
                 "extract-text": extract_text.run, "bench-models": bench_models.run,
@@ -221,13 +238,15 @@ def main(argv: list[str] | None = None) -> int:
                 "compare": compare.run}
     try:
         return handlers[args.command](args)
-    except (DataError, CheckpointError, SpecMismatchError, ModelNotAvailableError, ValueError,
-            FileNotFoundError) as err:
-        print(f"mcihn {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"mcihn {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as err:
+        if not isinstance(err, expected_errors()):
+            raise  # a bug: its traceback, exit 1
+        print(f"mcihn {args.command}: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
