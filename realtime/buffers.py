@@ -58,6 +58,12 @@ class LatestFrame:
             self._cond.notify_all()
             return self.seq
 
+    @property
+    def t_newest(self) -> float | None:
+        """Capture time of the newest frame put, None before any."""
+        item = self._item
+        return None if item is None else item.t_capture
+
     def get_new(self, after_seq: int = 0) -> FrameItem | None:
         """The newest frame if its sequence number is above `after_seq`, else None (never blocks)."""
         with self._cond:
@@ -121,11 +127,16 @@ class AudioRing:
         """Samples currently held."""
         return min(self.written, self.capacity)
 
-    def read_last(self, seconds: float, out: np.ndarray | None = None) -> tuple[np.ndarray, float | None]:
+    def read_last(self, seconds: float, out: np.ndarray | None = None,
+                  now: float | None = None) -> tuple[np.ndarray, float | None]:
         """(a copy of the newest `seconds` of audio, or less when the ring holds less; time of its last sample).
+        `now`: keep only samples captured within `seconds` before `now`, so audio that stopped arriving (a
+        microphone unplugged, a stream that ended) ages out of the window instead of being read for ever.
         `out`: a float32 array of at least that many samples to copy into (a view of it is returned)."""
         with self._lock:
             n = min(max(0, int(round(seconds * self.rate))), self.available)
+            if now is not None and self.t_end is not None:
+                n = min(n, max(0, int(round((seconds - (now - self.t_end)) * self.rate))))
             return self._copy(self.written - n, self.written, out), self.t_end
 
     def read_since(self, t: float) -> tuple[np.ndarray, float | None]:

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("processing")
     run.add_argument("--hop", type=float, default=0.25, help="seconds between updates (default 0.25: 4/s)")
     run.add_argument("--window", type=float, default=2.56, help="seconds of audio and video per update")
+    run.add_argument("--text-horizon", type=float, default=None,
+                     help="seconds committed words stay fused after the last one was spoken (default: the "
+                          "checkpoint's, else 8)")
     run.add_argument("--backend", default="auto", help="auto | torch | onnxruntime | tensorrt")
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is a GPU)")
     run.add_argument("--threads", type=int, default=None,
@@ -106,6 +109,7 @@ def _config_from_args(args):
         width=args.width,
         height=args.height, fps=args.fps, use_camera=not args.no_camera, use_mic=not args.no_mic,
         use_asr=not args.no_asr, speed=args.speed, loop=args.loop, hop_s=args.hop, window_s=args.window,
+        text_horizon_s=args.text_horizon,
         backend=args.backend, device=args.device, threads=args.threads, vision_model=args.vision_model,
         text_model=args.text_model,
         audio_model=args.audio_model, asr=asr, jsonl=args.jsonl, ws=args.ws, osc=args.osc, lsl=args.lsl,
@@ -139,12 +143,9 @@ def run_session(rec, overlay: bool, duration: float | None, quiet: bool) -> None
 
     window = OverlayWindow() if overlay else None
     start, last_status, last_seq, rate = time.monotonic(), 0.0, -1, 0.0
-    shown_seq, faults_shown = -1, len(rec.faults)  # those met while starting were printed already
+    shown_seq = -1  # faults met during the session are printed by the recognizer's log, once each
     try:
         while not rec.finished and (duration is None or time.monotonic() - start < duration):
-            for fault in rec.faults[faults_shown:]:  # a camera unplugged, speech recognition stopped, ...: once
-                print(f"mcihn-live: {fault}", file=sys.stderr, flush=True)
-            faults_shown = len(rec.faults)
             event = rec.latest_event
             now = time.monotonic()
             if event is not None and now - last_status >= 1.0:
@@ -226,6 +227,9 @@ def _run(args) -> int:
         running = True
         _announce(rec, args)
         run_session(rec, overlay, args.duration, args.quiet)
+        if rec.error is not None:  # the session ended early on an error (a broken file, a failed update)
+            print(f"mcihn-live: error: {rec.error}", file=sys.stderr)
+            code = 1
     except expected as err:
         print(f"mcihn-live: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         code = 2
@@ -255,14 +259,13 @@ def _run(args) -> int:
 
 
 def _announce(rec, args) -> None:
-    """What was set up that the user cannot see otherwise: the WebSocket port (--ws 0 picks a free one), faults."""
+    """What was set up that the user cannot see otherwise: the WebSocket port (--ws 0 picks a free one). (Faults
+    are printed by the recognizer's log as they happen.)"""
     from realtime.sinks import WebSocketSink
 
     ws = rec.sinks.find(WebSocketSink) if args.ws and rec.sinks is not None else None
     if ws is not None:
         print(f"mcihn-live: WebSocket on {ws.url}", file=sys.stderr, flush=True)
-    for fault in rec.faults:
-        print(f"mcihn-live: {fault}", file=sys.stderr)
 
 
 def _report_losses(rec) -> bool:
@@ -284,5 +287,7 @@ def _summary(rec) -> None:
     print(f"mcihn-live: {event.seq + 1} updates, {event.skipped_ticks} ticks skipped, {event.dropped_frames} frames "
           f"dropped; last capture->emit {event.latency_ms['capture_to_emit']:.0f} ms"
           + ("; scores UNTRAINED (random stand-in models)" if event.untrained else ""), file=sys.stderr)
-    for fault in rec.faults:
-        print(f"mcihn-live: during the session: {fault}", file=sys.stderr)
+    faults = [f for f in rec.faults if f != rec.error]  # the error that ended the session has its own line
+    if faults:  # each was printed when it happened
+        print(f"mcihn-live: {len(faults)} fault{'s' if len(faults) > 1 else ''} during the session (above)",
+              file=sys.stderr)

@@ -10,29 +10,46 @@ import json
 from dataclasses import asdict, dataclass, field
 
 SCHEMA_NAME = "mcihn-live/event"
-SCHEMA_VERSION = 2  # 2: per-modality scores and the models behind them (`modalities`, `fusion`)
+SCHEMA_VERSION = 3  # 2: each modality's own scores and models; 3: freshness (fresh/now/fused/age_s) and faults
+
+
+# Per modality: `fresh` (its input is arriving: frames, samples or words newer than its freshness limit),
+# `present` (what the window holds: faces, audio, words; stale input is absent), `fused` (it went into the scores
+# this tick), `age_s` (seconds since its newest input was captured; None before any), and for vision and audio
+# `now` (a face in the newest frame; voice in the last hop), which is what a live display should show.
 
 
 @dataclass
 class VisionPresence:
-    present: bool = False
-    face: list[int] | None = None  # newest face box [x, y, w, h] in frame pixels, None without a face
+    present: bool = False  # a face in the window's frames (all newer than the window)
+    face: list[int] | None = None  # the face box [x, y, w, h] in the newest frame, None when it has no face
     frames: int = 0  # frames with a face in the window (the valid vision steps)
+    now: bool = False  # a face in the newest frame, analysed within the last two frame intervals
+    fresh: bool = False
+    fused: bool = False
+    age_s: float | None = None
 
 
 @dataclass
 class AudioPresence:
-    present: bool = False
+    present: bool = False  # audio in the window (only samples newer than the window count)
     voiced: bool = False  # speech detected in the window (VAD), not just sound
     seconds: float = 0.0  # audio in the window
+    now: bool = False  # speech in the last hop
+    fresh: bool = False
+    fused: bool = False
+    age_s: float | None = None
 
 
 @dataclass
 class TextPresence:
-    present: bool = False
+    present: bool = False  # committed words within the text horizon
     text: str = ""  # committed words fused this tick
     tokens: int = 0
     tail: str = ""  # uncommitted ASR hypothesis: shown, never fused
+    fresh: bool = False
+    fused: bool = False
+    age_s: float | None = None  # since the end of the newest committed word
 
 
 @dataclass
@@ -74,6 +91,7 @@ class EmotionEvent:
     modalities: vision/text/audio -> ModalityScores (each modality's own scores, and its model). fusion: how
     `scores` were made from them ("late fusion: ..." for the starter's experts, "mcihn: CHECKPOINT" for MCIHN).
     `scores` is empty when no modality gave a score (late fusion with no face and no words): nothing is invented.
+    faults: what failed since the previous event (a camera unplugged, speech recognition stopped, ...), each once.
     """
 
     seq: int
@@ -89,6 +107,7 @@ class EmotionEvent:
     dropped_frames: int = 0
     modalities: dict[str, ModalityScores] = field(default_factory=_no_modalities)
     fusion: str = ""
+    faults: list[str] = field(default_factory=list)  # faults met since the previous event, one line each
     schema: str = SCHEMA_NAME
     version: int = SCHEMA_VERSION
 
@@ -105,6 +124,8 @@ def _object(properties: dict, required: list[str] | None = None) -> dict:
 
 
 _NUMBER = {"type": "number"}
+_BOOL = {"type": "boolean"}
+_FRESHNESS = {"fresh": _BOOL, "fused": _BOOL, "age_s": {"type": ["number", "null"], "minimum": 0}}
 _MODALITY_SCORES = _object({
     "scores": {"oneOf": [{"type": "null"}, {"type": "object", "additionalProperties": _NUMBER, "minProperties": 1}]},
     "model": {"type": ["string", "null"]},
@@ -124,12 +145,13 @@ EVENT_SCHEMA: dict = {
         "head": {"enum": ["regression", "classification"]},
         "scores": {"type": "object", "additionalProperties": _NUMBER},
         "presence": _object({
-            "vision": _object({"present": {"type": "boolean"}, "face": _BOX,
-                               "frames": {"type": "integer", "minimum": 0}}),
-            "audio": _object({"present": {"type": "boolean"}, "voiced": {"type": "boolean"},
-                              "seconds": {"type": "number", "minimum": 0}}),
-            "text": _object({"present": {"type": "boolean"}, "text": {"type": "string"},
-                             "tokens": {"type": "integer", "minimum": 0}, "tail": {"type": "string"}}),
+            "vision": _object({"present": _BOOL, "face": _BOX, "frames": {"type": "integer", "minimum": 0},
+                               "now": _BOOL, **_FRESHNESS}),
+            "audio": _object({"present": _BOOL, "voiced": _BOOL, "seconds": {"type": "number", "minimum": 0},
+                              "now": _BOOL, **_FRESHNESS}),
+            "text": _object({"present": _BOOL, "text": {"type": "string"},
+                             "tokens": {"type": "integer", "minimum": 0}, "tail": {"type": "string"},
+                             **_FRESHNESS}),
         }),
         "latency_ms": {"type": "object", "required": ["capture_to_emit"],
                        "additionalProperties": {"type": "number", "minimum": 0}},
@@ -138,5 +160,6 @@ EVENT_SCHEMA: dict = {
         "dropped_frames": {"type": "integer", "minimum": 0},
         "modalities": _object({m: _MODALITY_SCORES for m in ("vision", "text", "audio")}),
         "fusion": {"type": "string"},
+        "faults": {"type": "array", "items": {"type": "string"}},
     }),
 }

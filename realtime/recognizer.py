@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.extractor import Features
+from realtime import lifecycle
 from realtime.asr import AsrOptions
 from realtime.buffers import SAMPLE_RATE, AudioRing, LatestFrame
 from realtime.events import AudioPresence, EmotionEvent, ModalityScores, Presence, TextPresence, VisionPresence
@@ -84,6 +85,7 @@ class LiveConfig:
     record: str | None = None
     cache_dir: str = str(DEFAULT_CACHE)
     queue_size: int = 256
+    text_horizon_s: float | None = None  # committed words older than this are not fused; None: the checkpoint's
 
     def __post_init__(self) -> None:
         if self.standins not in (None, "tiny", "base"):
@@ -98,6 +100,8 @@ class LiveConfig:
             raise ConfigError("speed 0 (as fast as possible) is for a file source: pass --source FILE")
         if self.hop_s <= 0 or self.window_s <= 0:
             raise ConfigError(f"hop and window must be positive (got hop {self.hop_s} s, window {self.window_s} s)")
+        if self.text_horizon_s is not None and self.text_horizon_s <= 0:
+            raise ConfigError(f"the text horizon must be positive seconds (got {self.text_horizon_s})")
 
 
 @dataclass
@@ -121,6 +125,7 @@ class Stack:
     face: object | None = None  # engines.face.FaceExpert
     late_fusion: object | None = None  # mcihn.late_fusion.LateFusion
     text_scope: str = "window"  # "utterance": the sentence being spoken (AsrWorker.last_utterance) is encoded
+    text_horizon_s: float = 8.0  # committed words expire this long after the end of the newest one
 
 
 class TickBuffers:
@@ -207,7 +212,8 @@ def load_checkpoint_stack(checkpoint_dir: Path, config: LiveConfig, asr_options:
                  used, bool(ckpt.metadata.get("untrained", False)), asr_options,
                  models={m: extractors[m].spec.extractor if m in extractors else None
                          for m in ("vision", "text", "audio")},
-                 fusion_name=f"mcihn: {checkpoint_dir}", metadata=ckpt.metadata)
+                 fusion_name=f"mcihn: {checkpoint_dir}", metadata=ckpt.metadata,
+                 text_horizon_s=float(config.text_horizon_s or ckpt.metadata.get("text_horizon_s", 8.0)))
 
 
 def cpu_thread_budget(config: LiveConfig) -> int | None:
@@ -243,6 +249,29 @@ def _without_identity(offered: dict, reference, overridden: dict):
     return FeatureSpec(**parts)
 
 
+def _age(seconds: float | None) -> float | None:
+    return None if seconds is None else round(max(seconds, 0.0), 3)
+
+
+def _voice_vad():
+    from faster_whisper.vad import VadOptions
+
+    # Faster-whisper's defaults merge speech across 2 s of silence and pad it by 0.4 s (right for transcription,
+    # wrong for "is someone speaking now").
+    return VadOptions(min_speech_duration_ms=100, min_silence_duration_ms=100, speech_pad_ms=30)
+
+
+class RecognizerError(RuntimeError):
+    """The session ended on an error (a file that stopped advancing, a failed tick): raised to the iterating host
+    after the events emitted before it."""
+
+
+# Freshness: how old a modality's newest input may be for it to count as arriving (`fresh` in the events).
+VISION_FRESH_S = 1.0  # about four analysed frames
+AUDIO_FRESH_S = 0.5  # two hops of a live microphone
+FILE_STALL_S = 5.0  # a file source that delivers nothing for this long (wall time) has stopped advancing
+
+
 class Recognizer:
     """The live recognizer. A context manager and an iterator over EmotionEvents; callbacks via `on_event`."""
 
@@ -253,6 +282,11 @@ class Recognizer:
         self.ring = AudioRing(capacity_s=max(30.0, 2 * config.window_s))
         self.sources: list = []
         self.faults: list[str] = []  # one line per fault met during the session (camera gone, ...)
+        self.error: str | None = None  # what ended the session, when an error did (raised to iterating hosts)
+        self._new_faults: list[str] = []  # not yet carried by an event
+        self._fault_lock = threading.Lock()
+        self._reported: set[int] = set()  # sources whose error was reported
+        self._progress = (None, 0.0)  # (newest input time of a file source, wall time it was first seen)
         self.asr = None
         self.sinks = None
         self.ticker: Ticker | None = None
@@ -284,6 +318,7 @@ class Recognizer:
         self._callbacks.append(callback)
 
     def start(self) -> Recognizer:
+        lifecycle.register(self)  # stopped at interpreter exit if the host never calls stop()
         from realtime.sinks import SinkGroup
 
         cfg = self.config
@@ -294,7 +329,7 @@ class Recognizer:
         self.stack = self._stack or load_stack(cfg)
         self._buffers = TickBuffers(self.stack, cfg.window_s)
         self._t_start = time.monotonic()
-        self.sinks = SinkGroup(self._build_sinks()).open()
+        self.sinks = SinkGroup(self._build_sinks(), report=self._fault).open()
         try:
             self._start_sources()
             self._start_workers()
@@ -366,6 +401,9 @@ class Recognizer:
 
     def _start_workers(self) -> None:
         cfg, stack = self.config, self.stack
+        self._vad = _voice_vad()
+        # One analysed frame per interval (of wall time: a file replayed at `speed` runs that much faster).
+        self._vision_interval = cfg.window_s / self._buffers.vision_shape[0] / (cfg.speed if self._file else 1.0)
         self._vision = stack.face if stack.face is not None else stack.extractors.get("vision")
         if self._vision is not None and (cfg.source != "devices" or cfg.use_camera):
             seq_len, dim = self._buffers.vision_shape
@@ -391,7 +429,8 @@ class Recognizer:
         """On the ASR thread: re-encode the text window when words were committed."""
         if update.new_words:
             utterance = self.stack.text_scope == "utterance"
-            self.text_window.update(self.asr.last_utterance() if utterance else self.asr.text_window())
+            self.text_window.update(self.asr.last_utterance() if utterance else self.asr.text_window(),
+                                    t_spoken=update.new_words[-1].end)
 
     _text_version_seen = 0
 
@@ -399,12 +438,62 @@ class Recognizer:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         self._fault(f"speech recognition stopped ({reason}); going on without text")
 
-    def _fault(self, line: str) -> None:
-        self.faults.append(line)
-        log.warning(line)
+    def _fault(self, line: str, log_it: bool = True) -> None:
+        """Report a fault once: in `faults`, in the next event's `faults`, and on the log."""
+        with self._fault_lock:
+            self.faults.append(line)
+            self._new_faults.append(line)
+        if log_it:
+            log.warning(line)
+
+    def _end_with_error(self, line: str) -> None:
+        """The session cannot go on (a file that broke or stopped advancing): report it and end."""
+        if self.error is None:
+            self.error = line
+            self._fault(line, log_it=False)  # the session's error: said once, by whoever ran it (CLI, host)
+        self._done.set()
+
+    def _check_sources(self) -> None:
+        """Faults of the capture sources, each reported once (their modality then goes stale, hence absent); a
+        camera is retried; a file source that broke or stopped advancing ends the session with its error."""
+        for source in list(self.sources):
+            if source.error is None or id(source) in self._reported:
+                continue
+            self._reported.add(id(source))
+            if source is self._file:
+                self._end_with_error(f"{source.error}; the replay ended early")
+            elif getattr(source, "kind", "") == "camera":
+                self._fault(f"{source.error}; going on without vision, retrying the camera every 2 s")
+                threading.Thread(target=self._retry_camera, args=(source,), name="mcihn-camera-retry",
+                                 daemon=True).start()
+            else:
+                self._fault(f"{source.error}; going on without audio and speech")
+        if self._file is not None and not self._file.finished and self.error is None:
+            newest = max(t for t in (self.ring.t_end, self.frames.t_newest, -1.0) if t is not None)
+            seen, since = self._progress
+            if newest != seen:
+                self._progress = (newest, time.monotonic())
+            elif time.monotonic() - since > FILE_STALL_S:
+                at = self._file.media_time(newest) if newest >= 0 else 0.0
+                self._end_with_error(f"{self.config.source} stopped advancing at {at:.1f} s of media time "
+                                     f"(corrupt or truncated?); the replay ended early")
+
+    def _retry_camera(self, failed) -> None:
+        from realtime.sources import CameraSource, SourceError
+
+        cfg = self.config
+        while not self._stop.wait(2.0):
+            try:
+                camera = CameraSource(cfg.camera, cfg.width, cfg.height, cfg.fps, self.frames).start()
+            except SourceError:
+                continue
+            self.sources[self.sources.index(failed)] = camera
+            self._fault(f"{camera.name} is back; vision resumes")
+            return
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop everything within about `timeout` seconds: ticks first, then workers, sources, sinks."""
+        lifecycle.unregister(self)
         deadline = time.monotonic() + timeout
         self._stop.set()
         left = lambda: max(0.05, deadline - time.monotonic())  # noqa: E731
@@ -448,17 +537,22 @@ class Recognizer:
         self.stop()
 
     def __iter__(self) -> Iterator[EmotionEvent]:
-        """Events as they are emitted, until stop() or the end of a file source."""
+        """Events as they are emitted, until stop() or the end of a file source. A session that ended on an error
+        raises RecognizerError after the events emitted before it."""
         while True:
             try:
                 event = self._events.get(timeout=0.1)
             except queue.Empty:
                 if self._stop.is_set() or self.finished:
-                    return
+                    break
                 continue
             if event is None:
-                return
+                break
             yield event
+        if self.ticker is not None and self.ticker.error is not None and self.error is None:
+            self.error = f"an update failed: {self.ticker.error}"
+        if self.error is not None:
+            raise RecognizerError(self.error)
 
     @property
     def finished(self) -> bool:
@@ -542,16 +636,22 @@ class Recognizer:
                     self._tick(next_tick)
                     next_tick += cfg.hop_s
         except Exception as err:  # noqa: BLE001 - reported like the tick thread's errors
-            self._fault(f"offline replay stopped: {err}")
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self._end_with_error(f"{reason}; the replay ended early" if str(cfg.source) in reason
+                                 else f"{cfg.source}: {reason}; the replay ended early")
         finally:
             self._done.set()
 
     def _tick(self, t_due: float) -> None:
-        stack = self.stack
+        """One update. Every modality is read only as fresh as its rule allows (docs/live.md, "Freshness"):
+        vision from frames newer than the window, audio from samples newer than the window, text within its
+        horizon; stale means absent."""
+        stack, cfg = self.stack, self.config
+        self._check_sources()
         now = self._now()
         latency: dict[str, float] = {}
         feats: dict[str, Features] = {}
-        newest_capture: list[float] = []
+        newest_capture: list[float] = []  # the newest input of each stream used: capture_to_emit is from the oldest
         presence = Presence()
 
         buffers = self._buffers
@@ -560,26 +660,39 @@ class Recognizer:
             vision, newest = self.vision_window.snapshot(now, out=buffers.vision)
             if stack.face is None:
                 feats["vision"] = vision  # MCIHN's input; the starter's face scores are fused late instead
+            age = now - newest.t_capture if newest is not None else None
             if newest is not None:
                 newest_capture.append(newest.t_capture)
                 latency["vision"] = newest.extract_ms
-            faces = vision.info["faces"]
-            presence.vision = VisionPresence(vision.present, faces[-1] if faces else None, vision.length)
+            in_newest = newest is not None and newest.face is not None and age <= 2 * self._vision_interval
+            presence.vision = VisionPresence(
+                vision.present, list(newest.face) if in_newest else None, vision.length, now=in_newest,
+                fresh=age is not None and age <= VISION_FRESH_S, fused=vision.present, age_s=_age(age))
 
-        samples, t_end = self.ring.read_last(self.config.window_s, out=buffers.audio)
+        samples, t_end = self.ring.read_last(cfg.window_s, out=buffers.audio, now=now)
         if t_end is not None and len(samples):
             newest_capture.append(t_end)  # the audio, or the speech the text comes from
         presence.audio = self._voice_presence(samples, latency)
+        presence.audio.age_s = _age(now - t_end if t_end is not None else None)
+        presence.audio.fresh = presence.audio.age_s is not None and presence.audio.age_s <= AUDIO_FRESH_S
         if "audio" in stack.modalities:
             feats["audio"] = self._audio_features(samples, presence.audio, latency)
+            presence.audio.fused = feats["audio"].present
 
         if self.text_window is not None:
-            committed, feats["text"], version, encode_ms = self.text_window.latest()
+            committed, text, version, encode_ms = self.text_window.latest()
             if version != self._text_version_seen:  # new words: report their encode once (done on the ASR thread)
                 self._text_version_seen = version
                 latency["text"] = encode_ms
-            presence.text = TextPresence(feats["text"].present, committed if feats["text"].present else "",
-                                         feats["text"].length, self.asr.tail if self.asr is not None else "")
+            spoken = self.text_window.t_spoken
+            age = now - spoken if spoken is not None else None
+            fresh = age is not None and age <= stack.text_horizon_s and (self.asr is None or self.asr.error is None)
+            if not fresh:
+                text = Features(text.values, 0, text.info)  # expired words, or a dead ASR: text is absent
+            feats["text"] = text
+            presence.text = TextPresence(text.present, committed if text.present else "", text.length,
+                                         self.asr.tail if self.asr is not None else "", fresh=fresh,
+                                         fused=text.present, age_s=_age(age))
             if self.asr is not None and self.asr.last_pass_ms is not None:
                 latency["asr"] = float(self.asr.last_pass_ms)
 
@@ -589,17 +702,20 @@ class Recognizer:
             modalities = {m: ModalityScores(None, stack.models.get(m)) for m in ("vision", "text", "audio")}
         else:
             scores, modalities = self._late_fuse(vision, feats.get("text"))
+            presence.audio.fused = False  # no voice model: voice presence is reported, never fused
         latency["fusion"] = (time.perf_counter() - start) * 1e3
         t_emit = time.monotonic()
-        latency["capture_to_emit"] = (self._now() - max(newest_capture)) * 1e3 if newest_capture else 0.0
+        latency["capture_to_emit"] = (self._now() - min(newest_capture)) * 1e3 if newest_capture else 0.0
         t_media = (max(newest_capture) if newest_capture else now) - self._t_start
         if self._file is not None:
-            t_media *= self.config.speed
+            t_media *= cfg.speed
+        with self._fault_lock:
+            faults, self._new_faults = self._new_faults, []
         event = EmotionEvent(
             seq=self._seq, t_media=round(t_media, 4), t_wall=time.time(), t_mono=t_emit, head=stack.head,
             scores=scores, presence=presence, latency_ms={k: round(max(v, 0.0), 3) for k, v in latency.items()},
             untrained=stack.untrained, skipped_ticks=self.ticker.skipped if self.ticker else 0,
-            dropped_frames=self.frames.dropped, modalities=modalities, fusion=stack.fusion_name,
+            dropped_frames=self.frames.dropped, modalities=modalities, fusion=stack.fusion_name, faults=faults,
         )
         self._seq += 1
         self._emit(event)
@@ -607,16 +723,18 @@ class Recognizer:
             self._emitted_after_end = True
 
     def _voice_presence(self, samples: np.ndarray, latency: dict[str, float]) -> AudioPresence:
-        """Is there audio in the window, and speech in it (Silero VAD)?"""
-        from faster_whisper.vad import VadOptions, get_speech_timestamps
+        """Is there audio in the window, speech in it, and speech in its last hop (Silero VAD, with short
+        pauses kept as pauses: a 2 s gap in speech must show as one)?"""
+        from faster_whisper.vad import get_speech_timestamps
 
         seconds = len(samples) / SAMPLE_RATE
         if seconds < 0.1:
             return AudioPresence(False, False, round(seconds, 3))
         start = time.perf_counter()
-        voiced = bool(get_speech_timestamps(samples, VadOptions(min_speech_duration_ms=100)))
+        speech = get_speech_timestamps(samples, self._vad)
         latency["vad"] = (time.perf_counter() - start) * 1e3
-        return AudioPresence(True, voiced, round(seconds, 3))
+        hop_start = len(samples) - int(self.config.hop_s * SAMPLE_RATE)
+        return AudioPresence(True, bool(speech), round(seconds, 3), now=any(s["end"] > hop_start for s in speech))
 
     def _audio_features(self, samples: np.ndarray, presence: AudioPresence, latency: dict[str, float]) -> Features:
         """The audio window's features; absent (length 0) when there is no speech in it."""

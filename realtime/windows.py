@@ -67,9 +67,13 @@ class TextWindow:
         self._version = 0
         self.encode_ms = 0.0
         self.encodes = 0
+        self.t_spoken: float | None = None  # when the newest committed word ended (the ASR's clock)
 
-    def update(self, text: str) -> None:
-        """Encode `text` if it differs from the current words (called on the ASR thread)."""
+    def update(self, text: str, t_spoken: float | None = None) -> None:
+        """Encode `text` if it differs from the current words (called on the ASR thread). `t_spoken`: the end
+        time of the newest word, from which the words' age (and expiry) is counted."""
+        if t_spoken is not None:
+            self.t_spoken = t_spoken
         if text == self._text:
             return
         start = time.perf_counter()

@@ -25,6 +25,9 @@ from realtime.recognizer import LiveConfig, Recognizer
 pytest.importorskip("ai_edge_litert", reason="the starter's face models need ai-edge-litert (make install)")
 
 
+TEXT_HORIZON_S = 3.0  # the clip ends with 5 s of silence: the last words expire before its end
+
+
 def top(scores: dict[str, float] | None) -> str | None:
     return max(scores, key=scores.get) if scores else None
 
@@ -36,7 +39,8 @@ def demo_events(tmp_path_factory) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
     env["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run([sys.executable, "-m", "realtime", "--demo", "--speed", "0", "--jsonl", str(jsonl),
-                             "--quiet"], capture_output=True, text=True, timeout=600, env=env)
+                             "--quiet", "--text-horizon", str(TEXT_HORIZON_S)], capture_output=True, text=True,
+                            timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "UNTRAINED" not in result.stderr, result.stderr
     return [json.loads(line) for line in jsonl.read_text().splitlines()]
@@ -69,6 +73,10 @@ def test_committed_words_give_the_emotion_they_say(demo_events):
     assert set(angry) == {"anger"}, angry
     # No words yet at the start: no text score, and nothing invented for it.
     assert demo_events[0]["modalities"]["text"]["scores"] is None
+    # Words expire after their horizon: the clip's silent end has no text score, and says why.
+    last = demo_events[-1]["presence"]["text"]
+    assert last["age_s"] > TEXT_HORIZON_S and not last["present"] and not last["fused"]
+    assert demo_events[-1]["modalities"]["text"]["scores"] is None
 
 
 def test_smiling_face_gives_joy_and_no_face_gives_no_face_score(demo_events):
