@@ -163,3 +163,9 @@ EVENT_SCHEMA: dict = {
         "faults": {"type": "array", "items": {"type": "string"}},
     }),
 }
+
+
+SCHEMA_FILE = "event.schema.json"  # EVENT_SCHEMA as a file, shipped in the package for consumers in any language
+
+if __name__ == "__main__":  # python -m realtime.events > realtime/event.schema.json
+    print(json.dumps(EVENT_SCHEMA, indent=2))

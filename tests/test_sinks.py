@@ -110,6 +110,17 @@ def test_events_validate_against_schema():
         jsonschema.validate(broken, EVENT_SCHEMA)
 
 
+def test_shipped_schema_file_is_the_schema():
+    """realtime/event.schema.json (for consumers in other languages) is EVENT_SCHEMA, regenerated with
+    `python -m realtime.events > realtime/event.schema.json` whenever the schema changes."""
+    from importlib.resources import files
+
+    from realtime.events import SCHEMA_FILE, SCHEMA_VERSION
+
+    shipped = json.loads(files("realtime").joinpath(SCHEMA_FILE).read_text())
+    assert shipped == json.loads(json.dumps(EVENT_SCHEMA)) and str(SCHEMA_VERSION) in shipped["title"]
+
+
 @pytest.mark.parametrize("head", HEADS)
 def test_every_output_gets_the_same_events(tmp_path, head):
     from websockets.sync.client import connect
