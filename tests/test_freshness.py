@@ -158,3 +158,50 @@ def test_api_consumer_sees_the_error(cache, tmp_path):
         for event in rec:
             events.append(event)
     assert events and rec.error and rec.faults[-1] == rec.error
+
+
+def test_camera_that_dies_mid_stream_is_one_fault_and_vision_goes_stale(cache, tmp_path):
+    """A camera that stops delivering (here a 1 s video file opened as the camera: it ends) is reported once, in
+    the fault list and in an event, and vision goes absent; the camera is retried."""
+    from engines.media import write_clip
+
+    frames = [cv2.resize(np.full((240, 320, 3), 90, np.uint8), (320, 240))] * 15
+    camera = write_clip(tmp_path / "cam.avi", frames, 15)
+    config = LiveConfig(demo=True, standins="tiny", cache_dir=str(cache), backend="torch", source="devices",
+                        camera=str(camera), use_mic=False, hop_s=0.1)
+    with Recognizer(config) as rec:
+        time.sleep(4.0)
+        events = []
+        while not rec._events.empty():
+            events.append(rec._events.get_nowait())
+    died = [f for f in rec.faults if "stopped delivering frames" in f]
+    assert len(died) >= 1 and "retrying the camera" in died[0], rec.faults
+    assert any(died[0] in e.faults for e in events)
+    # Each time it died (the retry reopens the file, which ends again) it was carried by one event only.
+    assert len([f for e in events for f in e.faults if f == died[0]]) == len(died)
+    stale = [e for e in events if e.presence.vision.age_s is not None and e.presence.vision.age_s > 1.0]
+    assert stale and all(not e.presence.vision.fresh for e in stale)
+
+
+def test_speech_recognition_that_fails_takes_its_text_with_it(cache, gaps_clip, monkeypatch):
+    """An ASR worker that raises: one fault, and the words it committed are no longer fused."""
+    from realtime import asr
+
+    clip, _ = gaps_clip
+    real_process, calls = asr.StreamingTranscriber.process, {"n": 0}
+
+    def failing_process(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise RuntimeError("injected: the model crashed")
+        return real_process(self, *args, **kwargs)
+
+    monkeypatch.setattr(asr.StreamingTranscriber, "process", failing_process)
+    config = LiveConfig(demo=True, standins="tiny", cache_dir=str(cache), backend="torch", source=str(clip),
+                        speed=0)
+    with Recognizer(config) as rec:
+        events = list(rec)
+    failed = [f for f in rec.faults if "speech recognition stopped" in f]
+    assert len(failed) == 1 and "injected" in failed[0]
+    at = next(i for i, e in enumerate(events) if failed[0] in e.faults)
+    assert all(not e.presence.text.present and not e.presence.text.fused for e in events[at:])
