@@ -19,7 +19,7 @@ from scipy.signal import resample_poly
 from torch import nn
 
 from engines.extractor import EngineModel, Extractor, Features, pack_window
-from engines.hub import ModelSource, load_pretrained, resolve_model
+from engines.hub import ModelNotAvailableError, ModelSource, load_pretrained, resolve_model
 from mcihn.spec import ModalitySpec
 
 SAMPLE_RATE = 16_000
@@ -129,7 +129,8 @@ class AudioExtractor(Extractor):
         cfg = json.loads(path.read_text()) if path.is_file() else {}
         rate = cfg.get("sampling_rate", SAMPLE_RATE)
         if rate != SAMPLE_RATE:
-            raise ValueError(f"{path} expects {rate} Hz audio; only {SAMPLE_RATE} Hz Wav2Vec2 models are supported")
+            raise ModelNotAvailableError(f"{path} expects {rate} Hz audio; only {SAMPLE_RATE} Hz Wav2Vec2 models "
+                                         f"are supported")
         return bool(cfg.get("do_normalize", True))
 
     def frames_for(self, n_samples: int) -> int:

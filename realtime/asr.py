@@ -259,8 +259,8 @@ def load_whisper(options: AsrOptions) -> Any:
                             local_files_only=True)
     except (RuntimeError, ValueError) as err:  # no CUDA, an unsupported compute type, a corrupt model.bin
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RuntimeError(f"cannot load faster-whisper model {options.model!r} on {device} ({compute_type}): "
-                           f"{first}") from None
+        raise ModelNotAvailableError(f"cannot load faster-whisper model {options.model!r} on {device} "
+                                     f"({compute_type}): {first}; check --asr-device and --compute-type") from None
 
 
 class StreamingTranscriber:
