@@ -250,7 +250,7 @@ def _without_identity(offered: dict, reference, overridden: dict):
 
 
 def _age(seconds: float | None) -> float | None:
-    return None if seconds is None else round(max(seconds, 0.0), 3)
+    return None if seconds is None else round(float(max(seconds, 0.0)), 3)
 
 
 def _voice_vad():
@@ -664,20 +664,20 @@ class Recognizer:
             if newest is not None:
                 newest_capture.append(newest.t_capture)
                 latency["vision"] = newest.extract_ms
-            in_newest = newest is not None and newest.face is not None and age <= 2 * self._vision_interval
+            in_newest = bool(newest is not None and newest.face is not None and age <= 2 * self._vision_interval)
             presence.vision = VisionPresence(
-                vision.present, list(newest.face) if in_newest else None, vision.length, now=in_newest,
-                fresh=age is not None and age <= VISION_FRESH_S, fused=vision.present, age_s=_age(age))
+                bool(vision.present), list(newest.face) if in_newest else None, int(vision.length), now=in_newest,
+                fresh=bool(age is not None and age <= VISION_FRESH_S), fused=bool(vision.present), age_s=_age(age))
 
         samples, t_end = self.ring.read_last(cfg.window_s, out=buffers.audio, now=now)
         if t_end is not None and len(samples):
             newest_capture.append(t_end)  # the audio, or the speech the text comes from
         presence.audio = self._voice_presence(samples, latency)
         presence.audio.age_s = _age(now - t_end if t_end is not None else None)
-        presence.audio.fresh = presence.audio.age_s is not None and presence.audio.age_s <= AUDIO_FRESH_S
+        presence.audio.fresh = bool(presence.audio.age_s is not None and presence.audio.age_s <= AUDIO_FRESH_S)
         if "audio" in stack.modalities:
             feats["audio"] = self._audio_features(samples, presence.audio, latency)
-            presence.audio.fused = feats["audio"].present
+            presence.audio.fused = bool(feats["audio"].present)
 
         if self.text_window is not None:
             committed, text, version, encode_ms = self.text_window.latest()
@@ -686,13 +686,14 @@ class Recognizer:
                 latency["text"] = encode_ms
             spoken = self.text_window.t_spoken
             age = now - spoken if spoken is not None else None
-            fresh = age is not None and age <= stack.text_horizon_s and (self.asr is None or self.asr.error is None)
+            alive = self.asr is None or self.asr.error is None
+            fresh = bool(age is not None and age <= stack.text_horizon_s and alive)
             if not fresh:
                 text = Features(text.values, 0, text.info)  # expired words, or a dead ASR: text is absent
             feats["text"] = text
-            presence.text = TextPresence(text.present, committed if text.present else "", text.length,
+            presence.text = TextPresence(bool(text.present), committed if text.present else "", int(text.length),
                                          self.asr.tail if self.asr is not None else "", fresh=fresh,
-                                         fused=text.present, age_s=_age(age))
+                                         fused=bool(text.present), age_s=_age(age))
             if self.asr is not None and self.asr.last_pass_ms is not None:
                 latency["asr"] = float(self.asr.last_pass_ms)
 

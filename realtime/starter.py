@@ -71,7 +71,7 @@ def load_starter(config):
     if tuple(stack.labels) != EMOTIONS:
         raise ConfigError(f"the starter's text model has labels {stack.labels}, expected {list(EMOTIONS)}")
     meta = stack.metadata
-    text_weight = float(meta.get("valid", {}).get("weighted_f1", meta.get("valid_weighted_f1", 0.5)))
+    text_weight = float(meta["valid_weighted_f1"])  # written by `mcihn compare --export`
     text_temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
     face = FaceScores(FaceExpert()) if config.source != "devices" or config.use_camera else None
     text_model = f"{meta.get('name', 'mcihn-text-emotion')} on {stack.models['text']}"

@@ -67,7 +67,7 @@ def test_committed_words_give_the_emotion_they_say(demo_events):
         return [top(e["modalities"]["text"]["scores"]) for e in demo_events
                 if all(w in e["presence"]["text"]["text"].lower() for w in words)]
 
-    joyful, angry = text_tops("love it"), text_tops("furious")
+    joyful, angry = text_tops("love it"), text_tops("mad at you")
     assert joyful and angry, [e["presence"]["text"]["text"] for e in demo_events][::8]
     assert set(joyful) == {"joy"}, joyful
     assert set(angry) == {"anger"}, angry

@@ -24,7 +24,7 @@ import numpy as np
 # (face, sentence): the emotion each sentence is meant to show is in docs/models.md.
 SCENES = (
     ("astronaut", "I am so happy today! This is wonderful news, I love it!"),
-    ("hopper", "I hate this! Get out of here, I am furious with you!"),
+    ("hopper", "Stop it! This is outrageous. I am so mad at you!"),
     ("hopper", "I am so sad. I miss her terribly, and I cannot stop crying."),
 )
 FPS = 15
