@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -258,6 +259,7 @@ class Trainer:
         bar = tqdm(total=self.tc.epochs, initial=self.epoch, desc=f"seed {self.tc.seed}", unit="epoch",
                    disable=not self.tc.progress, leave=False)
         while self.epoch < self.tc.epochs and self.epoch - self.best_epoch <= self.tc.patience:
+            start = time.perf_counter()
             losses = self.train_epoch()
             score, metrics = self.validation_score()
             if not math.isfinite(losses.get("task", 0.0)):
@@ -267,7 +269,8 @@ class Trainer:
                 self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             elif self.tc.lr_decay_patience and (self.epoch - self.best_epoch) % self.tc.lr_decay_patience == 0:
                 self.set_lr_scale(self.lr_scale / 2)
-            self.history.append({"epoch": self.epoch, **losses, **{f"valid {k}": v for k, v in metrics.items()}})
+            self.history.append({"epoch": self.epoch, **losses, **{f"valid {k}": v for k, v in metrics.items()},
+                                 "seconds": time.perf_counter() - start})
             self.epoch += 1
             self.save_state()
             bar.update(1)
@@ -277,6 +280,11 @@ class Trainer:
             self.model.load_state_dict(self.best_state)
         self.model.eval()
         return self.model
+
+    @property
+    def train_seconds(self) -> float:
+        """Wall seconds spent in training and validation epochs, over every call of `fit` (resumes included)."""
+        return float(sum(h.get("seconds", 0.0) for h in self.history))
 
     def set_lr_scale(self, scale: float) -> None:
         self.lr_scale = scale

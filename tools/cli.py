@@ -123,13 +123,12 @@ def train_seeds(data, out: Path, seeds: int, ablation: str = "full", preset: str
     runs = []
     for seed in range(seeds):
         seed_dir = out / f"seed_{seed}"
-        start = time.perf_counter()
         trainer = Trainer(data, cfg, TrainConfig(seed=seed, epochs=epochs, patience=patience, batch_size=batch_size,
                                                  lr=lr, class_weights=class_weights), seed_dir / "state")
         model = trainer.fit(resume=True)
         metrics = {s: evaluate(model, data, s) for s in ("valid", "test")}
         trainer.save(seed_dir, metrics)
-        runs.append({"seed": seed, "best_epoch": trainer.best_epoch, "seconds": time.perf_counter() - start, **metrics})
+        runs.append({"seed": seed, "best_epoch": trainer.best_epoch, "seconds": trainer.train_seconds, **metrics})
         print(f"seed {seed}: best epoch {trainer.best_epoch}, test {key} {metrics['test'][key]:.3f}, "
               f"{runs[-1]['seconds']:.0f} s", file=sys.stderr)
     summary = {"ablation": ablation, "dataset": data.name, "model": cfg.to_dict(), "runs": runs,

@@ -113,7 +113,7 @@ def _baseline(data, class_weights: str) -> tuple[dict, object]:
     return best
 
 
-def export(data, out: Path, runs: list[dict], target: Path, command: str) -> dict:
+def export(data, out: Path, runs: list[dict], target: Path, command: str, name: str = "") -> dict:
     """Copy the seed with the best valid weighted F1 to `target` with the metadata the live app reads."""
     import importlib.metadata
 
@@ -131,6 +131,7 @@ def export(data, out: Path, runs: list[dict], target: Path, command: str) -> dic
     except importlib.metadata.PackageNotFoundError:
         package = ""
     metadata = dict(ckpt.metadata) | {
+        "name": name or f"MCIHN {data.name}",
         "untrained": False,
         "data": _describe_data(data),
         "encoder": {"id": text.extractor, "revision": text.revision, "layer": text.layer, "tokens": text.seq_len,
@@ -186,7 +187,8 @@ def run(args) -> int:
         "command": command,
     }
     if args.export:
-        result["export"] = export(data, out, runs, Path(args.export), command)
+        short = data.name.split("-")[0].upper()
+        result["export"] = export(data, out, runs, Path(args.export), command, f"{variant}-{args.preset} {short}")
     markdown = format_markdown(result)
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "compare.md").write_text(markdown + "\n")
