@@ -54,7 +54,11 @@ class AsrOptions:
     device: str = "auto"  # "auto" (CUDA when CTranslate2 sees a GPU), "cpu" or "cuda"
     compute_type: str = "auto"  # "auto": float16 on CUDA, int8 on CPU; or any CTranslate2 compute type
     beam_size: int = 1  # greedy: beam search costs latency, and LocalAgreement already filters unstable words
-    min_chunk_s: float = 0.5  # new audio needed before another pass
+    min_chunk_s: float = 0.5  # new audio needed before another pass while someone speaks
+    # Passes only where words can change (AsrWorker.step): while speech continues (every min_chunk_s), and once at
+    # each pause (pause_s of silence after speech), whose words are then committed as they stand; none over silence.
+    vad_passes: bool = True
+    pause_s: float = 0.5
     max_buffer_s: float = 15.0  # the buffer is cut when it outgrows this (at most Whisper's 30 s window)
     vad: bool = True  # faster-whisper's bundled Silero VAD (vad_filter=True): silence is skipped, not hallucinated
     threads: int = 0  # CTranslate2 CPU threads; 0 = its default (4, or OMP_NUM_THREADS)
@@ -64,8 +68,8 @@ class AsrOptions:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"ASR device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.min_chunk_s <= 0:
-            raise ValueError(f"min_chunk_s must be positive, got {self.min_chunk_s}")
+        if self.min_chunk_s <= 0 or self.pause_s <= 0:
+            raise ValueError(f"min_chunk_s and pause_s must be positive, got {self.min_chunk_s}, {self.pause_s}")
         if not self.min_chunk_s < self.max_buffer_s <= WINDOW_S:
             raise ValueError(f"max_buffer_s must be above min_chunk_s and at most {WINDOW_S:g} s (one Whisper "
                              f"window), got {self.max_buffer_s}")
@@ -86,6 +90,19 @@ class Word:
 def normalize(text: str) -> str:
     """The comparison key of a word: case-folded, without punctuation or spaces ("Hello," == "hello")."""
     return "".join(c for c in text.casefold() if not (c.isspace() or unicodedata.category(c).startswith("P")))
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """(substitutions + deletions + insertions) / reference words, over `normalize`d words (case and
+    punctuation ignored): the standard WER, by edit distance."""
+    ref = [w for w in map(normalize, reference.split()) if w]
+    hyp = [w for w in map(normalize, hypothesis.split()) if w]
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1] / max(len(ref), 1)
 
 
 def join_words(words: Iterable[Word]) -> str:
@@ -388,6 +405,15 @@ class StreamingTranscriber:
         if cut > t0:
             self._trim_to(cut)
 
+    def recent(self, seconds: float) -> np.ndarray:
+        """The newest `seconds` of the buffer (a view)."""
+        return self._audio[-max(1, int(round(seconds * SAMPLE_RATE))):]
+
+    def keep_last(self, seconds: float) -> None:
+        """Nothing to transcribe (silence, all committed): keep only the newest `seconds`, where a word may start."""
+        if self.buffer_s > seconds:
+            self._trim_to(self.buffer_t_end - seconds)
+
     def _trim_to(self, t: float) -> None:
         """Drop the audio before absolute time `t`."""
         t0 = self.buffer_t0 or 0.0
@@ -509,21 +535,67 @@ class AsrWorker:
             return join_words(self._tail)
 
     def step(self) -> bool:
-        """Take the audio that arrived since the last step; run a pass once `min_chunk_s` of it has gathered.
-        True when a pass ran. The thread calls it in a loop; an offline driver may call it instead of start()."""
+        """Take the audio that arrived since the last step and run a pass if words can have changed. True when a
+        pass ran. The thread calls it in a loop; an offline driver may call it instead of start().
+
+        With `vad_passes` (the default), Silero VAD looks at each new 0.2 s: a pass runs every `min_chunk_s` while
+        speech goes on, and once at each pause (`pause_s` of silence after speech), after which the words heard
+        are committed as they stand (nothing after a pause can confirm or correct them, and waiting for a second
+        agreeing pass would only add lag). Over silence no pass runs and the buffer keeps only its last second.
+        Without it, a pass runs every `min_chunk_s` of audio, whatever it holds."""
         samples, t_end = self._get_audio(self._since)
         if len(samples):
             self.transcriber.insert_audio(samples, t_end)
             self._new_s += len(samples) / SAMPLE_RATE
+            self._unchecked_s += len(samples) / SAMPLE_RATE
         if t_end is not None:
             self._since = t_end
-        if self._new_s < self.transcriber.options.min_chunk_s:
+        o = self.transcriber.options
+        if not o.vad_passes:
+            if self._new_s < o.min_chunk_s:
+                return False
+            self._new_s = 0.0
+            self._publish(self.transcriber.process())
+            return True
+        if self._unchecked_s < self.VAD_STEP_S:
             return False
-        self._new_s = 0.0
-        self._publish(self.transcriber.process())
-        return True
+        new_speech, silence_s = self._listen()
+        self._speech_pending = self._speech_pending or new_speech
+        if self._speech_pending and silence_s >= o.pause_s:  # a pause: transcribe, then commit what was heard
+            self._speech_pending, self._new_s = False, 0.0
+            self._publish(self.transcriber.process())
+            self._publish(self.transcriber.finish())
+            self.pauses += 1
+            return True
+        if self._speech_pending and self._new_s >= o.min_chunk_s:
+            self._new_s = 0.0
+            self._publish(self.transcriber.process())
+            return True
+        if not self._speech_pending:
+            self.transcriber.keep_last(self.PREROLL_S)
+            self._new_s = 0.0
+        return False
 
+    VAD_STEP_S = 0.2  # how much new audio the VAD looks at each time
+    PREROLL_S = 1.0  # audio kept over silence: the start of a word the VAD has not confirmed yet
     _new_s = 0.0  # seconds of audio inserted since the last pass
+    _unchecked_s = 0.0  # seconds of audio the VAD has not looked at
+    _speech_pending = False  # speech heard since the last pause's commit
+    pauses = 0
+
+    def _listen(self) -> tuple[bool, float]:
+        """(speech in the audio not yet checked, seconds of silence at the end of the buffer)."""
+        from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+        unchecked, self._unchecked_s = self._unchecked_s, 0.0
+        recent = self.transcriber.recent(unchecked + 0.5)  # the new audio and half a second before it
+        seconds = len(recent) / SAMPLE_RATE
+        speech = get_speech_timestamps(recent, VadOptions(min_speech_duration_ms=100, min_silence_duration_ms=100,
+                                                          speech_pad_ms=30))
+        if not speech:
+            return False, seconds
+        end = speech[-1]["end"] / SAMPLE_RATE
+        return end > seconds - unchecked, seconds - end
 
     def _run(self) -> None:
         try:
