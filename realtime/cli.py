@@ -114,6 +114,7 @@ def _config_from_args(args):
         text_model=args.text_model,
         audio_model=args.audio_model, asr=asr, jsonl=args.jsonl, ws=args.ws, osc=args.osc, lsl=args.lsl,
         record=args.record, cache_dir=args.cache_dir or str(DEFAULT_CACHE),
+        limit_process_threads=True,  # the command owns its process: torch's and OpenCV's pools too
     )
 
 

@@ -62,7 +62,8 @@ def load_starter(config):
     """The starter's Stack: the shipped text model through the checkpoint path, the face expert, late fusion."""
     from engines.face import FaceExpert
     from mcihn.late_fusion import Expert, LateFusion
-    from realtime.recognizer import ConfigError, load_checkpoint_stack
+    from realtime.config import ConfigError
+    from realtime.stack import load_checkpoint_stack
 
     if not (TEXT_CHECKPOINT / "config.json").is_file():
         raise ConfigError(f"the starter's text model is missing from the install ({TEXT_CHECKPOINT}); reinstall "

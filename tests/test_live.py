@@ -419,3 +419,28 @@ def test_tick_fills_the_same_buffers_every_hop(clip, cache):
         assert len({c[m][0] for c in calls}) == 1, f"{m}: a new array on some tick"
         assert any(c[m][1] > 0 for c in calls), f"{m}: never present, so the test proves nothing"
     assert {c["vision"][0] for c in calls} == {rec._buffers.inputs["vision"].__array_interface__["data"][0]}
+
+
+def test_process_thread_pools_are_the_hosts_unless_it_asks():
+    """A host embedding the recognizer keeps its own torch and OpenCV thread counts (process-wide); the per-backend
+    count is still given. `mcihn-live` and `mcihn bench` own their process and ask for the limit."""
+    from dataclasses import replace
+
+    import torch
+
+    from realtime.cli import build_parser, config_from_args
+    from realtime.recognizer import cpu_thread_budget
+
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    other = 3 if before[0] != 3 else 2
+    assert cpu_thread_budget(LiveConfig(device="cpu", threads=other)) == other
+    assert (torch.get_num_threads(), cv2.getNumThreads()) == before
+    assert LiveConfig().limit_process_threads is False
+    config = config_from_args(build_parser().parse_args(["--threads", str(other)]))
+    assert config.limit_process_threads is True
+    try:
+        assert cpu_thread_budget(replace(config, device="cpu")) == other
+        assert (torch.get_num_threads(), cv2.getNumThreads()) == (other, other)
+    finally:
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])

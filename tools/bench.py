@@ -92,6 +92,10 @@ class RunReport:
     # native allocations (onnxruntime, CTranslate2, the C allocator), not in Python objects.
     heap_slope: Slope | None = None
     timeline: dict[str, list[float]] = field(default_factory=dict)  # t_s, capture_to_emit, rss_mb
+    # Speech recognition on the clip's known script (first pass through the clip): word error rate, and per
+    # utterance the time from its speech starting to its first committed word.
+    asr_wer: float | None = None
+    first_word_s: list[float] = field(default_factory=list)
 
 
 def summarize(events: list[dict], duration_s: float, hop_s: float, commit_lags_s: list[float],
@@ -155,6 +159,8 @@ def add_parser(subparsers) -> None:
                    help="stand-in models: tiny (tests) or base (the paper's architectures, random weights)")
     p.add_argument("--checkpoint", help="a real checkpoint instead of stand-ins (its extractors must be cached)")
     p.add_argument("--clip", help="the clip to replay (default: the bundled demo clip, looped)")
+    p.add_argument("--script", help="a text file with what the clip says (default: the demo clip's sentences): the "
+                                    "ASR word error rate is measured against it")
     p.add_argument("--backends", default="onnxruntime", help="comma list: torch, onnxruntime, tensorrt, auto")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is a GPU)")
     p.add_argument("--duration", type=float, default=None,
@@ -182,7 +188,7 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
     config = LiveConfig(checkpoint=args.checkpoint, demo=args.checkpoint is None,
                         standins=args.size if args.checkpoint is None else None,
                         source=args.clip, loop=True, hop_s=args.hop, backend=backend, device=args.device,
-                        threads=args.threads,
+                        threads=args.threads, limit_process_threads=True,  # bench owns its process
                         use_asr=not args.no_asr, asr=asr, cache_dir=args.cache_dir)
     events: list[dict] = []
     rec = Recognizer(config)
@@ -211,12 +217,60 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
         rec.join(60)  # let a running ASR pass end: the next backend's run must not share the CPU with it
         tracemalloc.stop()
     lags = [c.lag_s for c in rec.asr.commit_events()] if rec.asr is not None else []
+    script = clip_script(args)
+    accuracy = asr_accuracy(rec.asr.commit_events(), rec._t_start, args.clip, script) if rec.asr and script else None
     gpu = None
     if (args.device or "").startswith("cuda") or _cuda():
         import torch
 
         gpu = torch.cuda.max_memory_allocated() / 2**20
-    return summarize(events, wall, args.hop, lags, backend, cpu_s, peak_rss(), gpu, rss_samples, heap_samples)
+    report = summarize(events, wall, args.hop, lags, backend, cpu_s, peak_rss(), gpu, rss_samples, heap_samples)
+    if accuracy is not None:
+        report.asr_wer, report.first_word_s = accuracy
+    return report
+
+
+def clip_script(args) -> str | None:
+    """What the clip says: --script FILE, or the bundled demo clip's sentences."""
+    if args.script:
+        return Path(args.script).read_text()
+    if args.clip is None:
+        from tools.make_demo_clip import SCENES
+
+        return " ".join(sentence for _, sentence in SCENES)
+    return None
+
+
+def speech_spans(clip: str | None) -> tuple[list[tuple[float, float]], float]:
+    """The utterances of a clip's audio ((start, end) seconds, Silero VAD, pauses of 1 s or more between them)
+    and the audio's length."""
+    from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+    from realtime.buffers import SAMPLE_RATE
+    from realtime.demo import DEMO_CLIP
+    from realtime.file_source import media_items
+
+    audio = np.concatenate([d for _, kind, d in media_items(clip or DEMO_CLIP) if kind == "audio"])
+    spans = get_speech_timestamps(audio, VadOptions(min_silence_duration_ms=1000))
+    return [(x["start"] / SAMPLE_RATE, x["end"] / SAMPLE_RATE) for x in spans], len(audio) / SAMPLE_RATE
+
+
+def asr_accuracy(commits, t0: float, clip: str | None, script: str) -> tuple[float, list[float]] | None:
+    """(WER of the words committed for the clip's first pass against its script, seconds from each utterance's
+    speech start to its first committed word)."""
+    from realtime.asr import word_error_rate
+
+    spans, length = speech_spans(clip)
+    first_pass = [c for c in commits if c.t_word_end - t0 <= length]
+    if not first_pass:
+        return None
+    heard = " ".join(c.text for c in first_pass)
+    firsts = []
+    for start, end in spans:
+        words = [c for c in first_pass if start - 0.3 <= c.t_word_end - t0 <= end + 0.3]
+        if words:
+            firsts.append(round(words[0].t_commit - (t0 + start), 3))
+    return word_error_rate(script, heard), firsts
 
 
 def _cuda() -> bool:
@@ -248,6 +302,10 @@ def format_report(reports: list[RunReport]) -> str:
             for r in reports])
     row("ASR commit lag ms p50/p95", ["-" if r.asr_commit_lag_ms.count == 0 else
                                       f"{r.asr_commit_lag_ms.p50:.0f}/{r.asr_commit_lag_ms.p95:.0f}" for r in reports])
+    if any(r.asr_wer is not None for r in reports):
+        row("ASR WER (first pass)", ["-" if r.asr_wer is None else f"{100 * r.asr_wer:.1f} %" for r in reports])
+        row("first word s p50/max", ["-" if not r.first_word_s else
+                                     f"{np.median(r.first_word_s):.2f}/{max(r.first_word_s):.2f}" for r in reports])
     row("CPU % (2 cores = 200)", [f"{r.cpu_percent:.0f}" for r in reports])
     row("peak RSS MB", [f"{r.peak_rss_mb:.0f}" for r in reports])
     if any(r.gpu_peak_mb is not None for r in reports):

@@ -1,0 +1,163 @@
+"""What a session runs: the `Stack` (extractors, fusion backend, and what the tick needs to know about them), how
+it is loaded from a config (`load_stack`: a checkpoint, random stand-ins, or the starter), the CPU thread budget
+of its backends, and the arrays a tick fills in place (`TickBuffers`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from realtime.asr import AsrOptions
+from realtime.buffers import SAMPLE_RATE
+from realtime.config import ConfigError, LiveConfig
+
+
+@dataclass
+class Stack:
+    """What the recognizer runs: the extractors, the fusion backend and what it needs to know about them."""
+
+    extractors: dict
+    fusion: object  # engines.backends.Backend over MCIHN's inference forward
+    head: str
+    labels: list[str]
+    seq_lens: dict[str, int]
+    dims: dict[str, int]
+    modalities: tuple[str, ...]
+    untrained: bool
+    asr_options: AsrOptions
+    models: dict[str, str | None] = field(default_factory=dict)  # modality -> the model behind it (events)
+    fusion_name: str = ""  # how the scores are fused (events' `fusion`)
+    metadata: dict = field(default_factory=dict)  # the checkpoint's
+    # The starter's experts: a face-expression model instead of a vision extractor, and late fusion over the
+    # modalities' own scores instead of MCIHN's joint fusion (which then scores text alone).
+    face: object | None = None  # engines.face.FaceExpert
+    late_fusion: object | None = None  # mcihn.late_fusion.LateFusion
+    text_scope: str = "window"  # "utterance": the sentence being spoken (AsrWorker.last_utterance) is encoded
+    text_horizon_s: float = 8.0  # committed words expire this long after the end of the newest one
+
+
+class TickBuffers:
+    """The arrays a tick fills in place, allocated once per session (docs/design.md: no allocation on the tick path):
+    the audio window read from the ring, and the fusion engine's inputs, (1, seq_len, dim) per modality plus
+    the lengths. The windows and the audio extractor write straight into the fusion inputs. Only the tick
+    thread touches them (the ticker never runs two ticks at once)."""
+
+    def __init__(self, stack: Stack, window_s: float):
+        self.audio = np.zeros(int(round(window_s * SAMPLE_RATE)), np.float32)
+        self.inputs = {m: np.zeros((1, stack.seq_lens[m], stack.dims[m]), np.float32)
+                       for m in ("vision", "text", "audio")}
+        self.lengths = np.zeros((1, 3), np.int64)
+        # The vision window: MCIHN's vision input, or the face expert's per-frame probabilities (frames x labels).
+        self.vision_shape = ((stack.face.frames, len(stack.face.labels)) if stack.face is not None
+                             else (stack.seq_lens["vision"], stack.dims["vision"]))
+        self.vision = (np.zeros(self.vision_shape, np.float32) if stack.face is not None
+                       else self.inputs["vision"][0])
+
+    def features(self, modality: str) -> np.ndarray:
+        """The (seq_len, dim) fusion input of `modality`, to be filled."""
+        return self.inputs[modality][0]
+
+
+def load_stack(config: LiveConfig) -> Stack:
+    """What the config asks to run: a checkpoint written by `mcihn train`, random stand-ins (`standins`), or, with
+    neither, the starter recognizer (real models, realtime/starter.py)."""
+    asr_options = config.asr
+    if config.checkpoint:
+        checkpoint_dir = Path(config.checkpoint)
+        seeds = sorted(checkpoint_dir.glob("seed_*/config.json"))
+        if not (checkpoint_dir / "config.json").exists() and seeds:
+            checkpoint_dir = seeds[0].parent  # a run folder: its first seed
+        return load_checkpoint_stack(checkpoint_dir, config, asr_options)
+    if config.standins:
+        from realtime.demo import prepare_demo
+
+        folder = "demo" if config.standins == "tiny" else f"demo-{config.standins}"
+        demo = prepare_demo(Path(config.cache_dir).expanduser() / folder, config.standins)
+        return load_checkpoint_stack(demo.checkpoint, config, replace(asr_options, model=str(demo.whisper),
+                                                                      language="en"))
+    from realtime.starter import load_starter
+
+    return load_starter(config)
+
+
+def load_checkpoint_stack(checkpoint_dir: Path, config: LiveConfig, asr_options: AsrOptions) -> Stack:
+    """A checkpoint, its extractors (checked against its feature spec) and backends; MCIHN fuses."""
+    from engines.backends import create_backend
+    from engines.export import mcihn_engine_model
+    from engines.extractors import ExtractorOptions, build_extractor
+    from mcihn.checkpoint import load_checkpoint
+    from mcihn.spec import NOT_EXTRACTED, is_precomputed
+
+    ckpt = load_checkpoint(checkpoint_dir)
+    # Modalities the checkpoint was trained without (text-only features, say) stay absent live too.
+    used = tuple(m for m in ckpt.model.config.modalities if ckpt.spec[m].extractor != NOT_EXTRACTED)
+    overridden = {m: path for m in ("vision", "text", "audio") if (path := getattr(config, f"{m}_model"))}
+    precomputed = [f"{m} by {ckpt.spec[m].extractor.removeprefix('precomputed:')}" for m in used
+                   if is_precomputed(ckpt.spec[m].extractor) and m not in overridden]
+    if precomputed:
+        raise ConfigError(
+            f"{checkpoint_dir} was trained on precomputed features ({', '.join(precomputed)}) whose extractors are "
+            f"not published as models, so it cannot run live; run `mcihn-live` without "
+            f"--checkpoint for the starter recognizer, or train MCIHN on features from `mcihn extract` (README)")
+    options = ExtractorOptions.from_spec(ckpt.spec)
+    options = replace(options, **overridden)
+    extractors = {m: build_extractor(m, options) for m in used}
+    offered = {m: extractors[m].spec if m in extractors else ckpt.spec[m] for m in ("vision", "text", "audio")}
+    # Models loaded from elsewhere (a local copy): their ids and revisions cannot match, the rest must.
+    ckpt.check_features(_without_identity(offered, ckpt.spec, overridden), what="the extractors given")
+    cache = Path(config.cache_dir).expanduser() / "engines"
+    threads = cpu_thread_budget(config)
+    if threads is not None and asr_options.threads == 0:
+        asr_options = replace(asr_options, threads=threads)
+    for extractor in extractors.values():
+        extractor.use_backend(create_backend(extractor.engine_model(), config.backend, config.device, cache_dir=cache,
+                                             threads=threads))
+    model = ckpt.model
+    fusion = create_backend(mcihn_engine_model(model), config.backend, config.device, cache_dir=cache,
+                            threads=threads)
+    cfg = model.config
+    return Stack(extractors, fusion, cfg.head, list(cfg.labels), dict(cfg.seq_lens), dict(cfg.input_dims),
+                 used, bool(ckpt.metadata.get("untrained", False)), asr_options,
+                 models={m: extractors[m].spec.extractor if m in extractors else None
+                         for m in ("vision", "text", "audio")},
+                 fusion_name=f"mcihn: {checkpoint_dir}", metadata=ckpt.metadata,
+                 text_horizon_s=float(config.text_horizon_s or ckpt.metadata.get("text_horizon_s", 8.0)))
+
+
+def cpu_thread_budget(config: LiveConfig) -> int | None:
+    """CPU threads for each of the three busy workers (vision, tick, ASR), or None on a GPU.
+
+    Each library defaults to all cores (CTranslate2 even to 4): three workers doing so on a 2-core machine
+    oversubscribe it several times over, and every stage slows down (docs/benchmarks.md). Half the cores each
+    (at least one) keeps the workers out of each other's way. The count goes to each backend object (onnxruntime
+    sessions, CTranslate2's cpu_threads), which touches nothing else in the process. torch's and OpenCV's pools
+    are process-wide, so they are set only when the host asked (`config.limit_process_threads`: `mcihn-live` and
+    `mcihn bench`, which own their process); a host program embedding the recognizer keeps its own settings.
+    """
+    import os
+
+    from engines.backends import cuda_available
+
+    if (config.device or ("cuda" if cuda_available() else "cpu")).startswith("cuda"):
+        return None
+    threads = config.threads or max(1, (os.cpu_count() or 2) // 2)
+    if config.limit_process_threads:
+        import cv2
+        import torch
+
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
+    return threads
+
+
+def _without_identity(offered: dict, reference, overridden: dict):
+    """The offered specs as a FeatureSpec, with the model id and revision of overridden modalities copied from
+    `reference` (the checkpoint's)."""
+    from mcihn.spec import FeatureSpec
+
+    parts = dict(offered)
+    for m in overridden:
+        parts[m] = replace(parts[m], extractor=reference[m].extractor, revision=reference[m].revision)
+    return FeatureSpec(**parts)
