@@ -173,7 +173,8 @@ def add_parser(subparsers) -> None:
                         "memory growth")
     p.add_argument("--hop", type=float, default=0.25, help="seconds between updates (0.25: 4 updates/s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: half the cores)")
-    p.add_argument("--asr-model", default=None, help="faster-whisper model (default: the stand-in of --size)")
+    p.add_argument("--asr-model", default=None, help="faster-whisper model (default: Whisper tiny.en, real weights; "
+                                                 "--size tiny: a tiny random stand-in)")
     p.add_argument("--no-asr", action="store_true")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mcihn-live"))
     p.add_argument("--out", default="runs/bench", help="folder for report.json and latency.png")

@@ -1,10 +1,10 @@
-"""Rebuild realtime/assets/demo.mp4, the clip `mcihn-live --demo` replays (kept in the repository, ~0.3 MB).
+"""Rebuild realtime/assets/demo.mp4, the clip `mcihn-live --demo` replays (kept in the repository, ~0.45 MB).
 
 Three scenes, each a real face and an espeak-ng sentence of a clearly different emotion, with a pause between:
 a smiling face (NASA's public-domain portrait of astronaut Eileen Collins, scikit-image's `astronaut`) saying a
 joyful sentence; a neutral face (the U.S. Navy's public-domain portrait of Grace Hopper, matplotlib's sample
-data) saying an angry one, then a sad one; then 3.5 seconds of an empty frame and silence (longer than the 2.56 s window), so the demo also shows
-the face and the voice going absent. A slow zoom keeps the face box moving.
+data) saying an angry one, then a sad one; then 3.5 seconds of an empty frame and silence (longer than the 2.56 s
+window), so the demo also shows the face and the voice going absent. A slow zoom keeps the face box moving.
 
     .venv/bin/python -m tools.make_demo_clip            # needs scikit-image, matplotlib (dev extra), espeak-ng
 """
