@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mcihn.data import FeatureSet, FeatureSplit
+from mcihn.data import DataError, FeatureSet, FeatureSplit
 from mcihn.metrics import compute_metrics
 from mcihn.spec import MODALITIES
 
@@ -82,7 +82,7 @@ class RidgeBaseline:
             raise ValueError(f"unknown task {self.task!r}; expected 'regression' or 'classification'")
         train = feature_set["train"]
         if len(train) == 0:
-            raise ValueError(f"dataset {feature_set.name!r} has an empty train split")
+            raise DataError(f"dataset {feature_set.name!r} has an empty train split")
         if self.task == "classification":
             names = feature_set.label_names
             self.num_classes = len(names) if names else int(np.max(train.labels)) + 1
@@ -135,7 +135,7 @@ def run_baseline(feature_set: FeatureSet, model: str = "ridge", **kwargs) -> dic
     """Fit a baseline ("ridge": RidgeBaseline, "logreg": LogisticBaseline; kwargs go to it) and return
     compute_metrics for every split, keyed by split."""
     if model not in BASELINES:
-        raise ValueError(f"unknown baseline {model!r}; use one of {', '.join(BASELINES)}")
+        raise DataError(f"unknown baseline {model!r}; use one of {', '.join(BASELINES)}")
     model = BASELINES[model](**kwargs).fit(feature_set)
     return {
         name: compute_metrics(
@@ -217,7 +217,7 @@ class LogisticBaseline:
         from mcihn.metrics import weighted_f1
 
         if feature_set.task != "classification":
-            raise ValueError(f"LogisticBaseline needs a classification dataset; {feature_set.name!r} is "
+            raise DataError(f"LogisticBaseline needs a classification dataset; {feature_set.name!r} is "
                              f"{feature_set.task} (use the ridge)")
         if self.class_weight not in (None, "balanced"):
             raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
@@ -239,7 +239,7 @@ class LogisticBaseline:
         if len(penalties) > 1:
             valid = feature_set["valid"]
             if len(valid) == 0:
-                raise ValueError(f"dataset {feature_set.name!r} has an empty valid split; cannot choose the penalty")
+                raise DataError(f"dataset {feature_set.name!r} has an empty valid split; cannot choose the penalty")
             x_valid, valid_labels = self._design(valid), np.asarray(valid.labels)
         best_score, theta, self.valid_scores = -np.inf, None, {}
         for penalty in penalties:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from mcihn.checkpoint import save_checkpoint
 from mcihn.config import MCIHNConfig
-from mcihn.data import FeatureSet, FeatureSplit
+from mcihn.data import DataError, FeatureSet, FeatureSplit
 from mcihn.losses import (
     AdaptiveLoss,
     discriminator_loss,
@@ -317,7 +317,7 @@ class Trainer:
     def load_state(self) -> None:
         state = torch.load(self.run_dir / STATE_FILE, weights_only=True, map_location=self.device)
         if json.loads(state["model_config"]) != self.cfg.to_dict():
-            raise ValueError(f"{self.run_dir / STATE_FILE} belongs to a run with another model config; "
+            raise DataError(f"{self.run_dir / STATE_FILE} belongs to a run with another model config; "
                              f"use a new --out folder or delete it to start over")
         self.model.load_state_dict(state["model"])
         self.adaptive.load_state_dict(state["adaptive"])

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tools import UsageError
+
 EXAMPLE = """examples:
   mcihn bench --size tiny --duration 20                      # seconds, after `make demo`
   mcihn bench --size base --backends torch,onnxruntime --duration 60 --out runs/bench-base
@@ -363,7 +365,7 @@ def run(args) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     duration = args.duration if args.duration is not None else (600.0 if args.soak else 30.0)
     if duration <= 0:
-        raise ValueError("--duration must be positive")
+        raise UsageError("--duration must be positive")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=duration * len(backends), unit="s", desc="bench", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")

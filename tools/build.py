@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tools import UsageError
+
 if TYPE_CHECKING:
     from engines.extractor import EngineModel
 
@@ -135,7 +137,7 @@ def run(args) -> int:
         return 2
     precision = args.precision or ("fp16" if backend == "tensorrt" else "fp32")
     if backend == "onnxruntime" and precision != "fp32":
-        raise ValueError("--precision fp16 applies to TensorRT engines; onnxruntime runs the fp32 ONNX "
+        raise UsageError("--precision fp16 applies to TensorRT engines; onnxruntime runs the fp32 ONNX "
                          "(use --backend tensorrt on a GPU machine)")
     cache_dir = Path(args.cache_dir).expanduser()
     checkpoint = load_checkpoint(args.checkpoint)

@@ -219,6 +219,7 @@ EXPECTED_ERRORS = {
     "engines.hub": ("ModelNotAvailableError",), "engines.backends": ("BackendUnavailableError",),
     "engines.media": ("MediaError",), "engines.face": ("FaceModelsMissingError",),
     "engines.export": ("ExportError",), "tools.download": ("DownloadError",), "tools.extract": ("ExtractError",),
+    "tools": ("UsageError",),
     "realtime.recognizer": ("ConfigError",), "realtime.sources": ("SourceError",), "realtime.sinks": ("SinkError",),
 }
 

