@@ -24,6 +24,7 @@ class ExtractorOptions:
     audio: str = "facebook/wav2vec2-base"
     language: str = "en"
     face_crop: bool = True
+    face_detector: str = "blazeface"  # or "haar" (engines.vision.face_detector_named)
     audio_layer: str = "conv"  # "conv": the paper's 512-d feature-encoder output; "hidden": transformer states
     vision_frames: int = 10
     text_tokens: int = 36
@@ -46,6 +47,7 @@ class ExtractorOptions:
             text=spec.text.extractor,
             audio=spec.audio.extractor,
             face_crop="face" in spec.vision.preprocessing,
+            face_detector=_face_detector(spec.vision.preprocessing),
             audio_layer="hidden" if spec.audio.layer == "last_hidden_state" else "conv",
             vision_frames=spec.vision.seq_len,
             text_tokens=spec.text.seq_len,
@@ -53,12 +55,18 @@ class ExtractorOptions:
         )
 
 
+def _face_detector(preprocessing: str) -> str:
+    """The detector a spec's vision preprocessing names ("blazeface-face-crop(...)+..."; older specs: haar)."""
+    return preprocessing.split("-face-crop")[0] if "-face-crop" in preprocessing else "blazeface"
+
+
 def build_extractor(modality: str, options: ExtractorOptions) -> Extractor:
     """One extractor (loads its model: raises engines.hub.ModelNotAvailableError when it cannot)."""
     if modality == "vision":
         from engines.vision import VisionExtractor
 
-        return VisionExtractor(options.vision, face_crop=options.face_crop, seq_len=options.vision_frames)
+        return VisionExtractor(options.vision, face_crop=options.face_crop, seq_len=options.vision_frames,
+                               face_detector=options.face_detector)
     if modality == "text":
         from engines.text import TextExtractor
 

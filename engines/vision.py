@@ -79,6 +79,22 @@ class FaceDetector:
         return int(x), int(y), int(w), int(h)
 
 
+FACE_DETECTORS = ("blazeface", "haar")
+
+
+def face_detector_named(name: str):
+    """A face detector by the name a feature spec records: "blazeface" (MediaPipe's short-range BlazeFace,
+    engines/face.py: ~2 ms a frame on a CPU, never fired on a face-free frame in docs/engines.md's comparison) or
+    "haar" (OpenCV's frontal-face cascade, ~25-140 ms; what checkpoints made before 2026-12 recorded)."""
+    if name == "haar":
+        return FaceDetector()
+    if name == "blazeface":
+        from engines.face import BlazeFaceDetector
+
+        return BlazeFaceDetector()
+    raise ValueError(f"unknown face detector {name!r}; expected one of {', '.join(FACE_DETECTORS)}")
+
+
 def expand_box(box: Box, margin: float, height: int, width: int) -> tuple[int, int, int, int]:
     """The box grown by `margin` of its size on each side, clipped to the frame: (x0, y0, x1, y1)."""
     x, y, w, h = box
@@ -213,7 +229,8 @@ class VisionExtractor(Extractor):
     modality = "vision"
 
     def __init__(self, model_id: str = "openai/clip-vit-base-patch32", face_crop: bool = True, seq_len: int = 10,
-                 face_margin: float = 0.2, revision: str | None = None, detector: FaceDetector | None = None):
+                 face_margin: float = 0.2, revision: str | None = None, detector: FaceDetector | None = None,
+                 face_detector: str = "blazeface"):
         super().__init__()
         from transformers import CLIPVisionModelWithProjection
 
@@ -223,13 +240,13 @@ class VisionExtractor(Extractor):
         self.seq_len = seq_len
         self.face_crop = face_crop
         self.face_margin = face_margin
-        self.detector = (detector or FaceDetector()) if face_crop else None
+        self.detector = (detector or face_detector_named(face_detector)) if face_crop else None
         self.preprocess = ClipPreprocess.from_folder(self.source.path)
         self.model = load_pretrained(CLIPVisionModelWithProjection, self.source).eval()
         self.dim = int(self.model.visual_projection.out_features)
         # Batches up to this size go through the engine at once (the top of a compiled engine's shape profile).
         self.max_batch = max(2 * seq_len, 32)
-        crop = f"haar-face-crop(margin={face_margin:g})+" if face_crop else ""
+        crop = f"{face_detector}-face-crop(margin={face_margin:g})+" if face_crop else ""
         self.spec = ModalitySpec(dim=self.dim, seq_len=seq_len, extractor=self.source.model_id,
                                  revision=self.source.revision, layer="image_embeds",
                                  preprocessing=crop + self.preprocess.describe(), sample_rate=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import cv2
@@ -16,6 +17,7 @@ from engines.hub import ModelNotAvailableError
 from engines.vision import ClipPreprocess, FaceDetector, FrameEmbeddings, VisionExtractor
 
 ASTRONAUT_FACE = (177, 66, 95, 95)  # OpenCV 4.x's frontal-face cascade on skimage's astronaut (docs/design.md)
+BLAZEFACE_ASTRONAUT = (178, 81, 94, 94)  # BlazeFace short range (the default detector): brows to chin
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +95,10 @@ def test_vision_features_have_the_declared_shape_and_are_clip_image_embeds(stand
 def test_vision_embeds_the_face_crop_and_never_the_background(vision, astronaut, blank):
     emb = vision.embed_frames([astronaut, blank])
     assert isinstance(emb, FrameEmbeddings) and len(emb) == 2
-    assert emb.boxes == [ASTRONAUT_FACE, None]
+    assert emb.boxes == [BLAZEFACE_ASTRONAUT, None]
     assert emb.present.tolist() == [True, False]
     assert not emb.embeddings[1].any()
-    face = vision.pixel_values(astronaut, ASTRONAUT_FACE)
+    face = vision.pixel_values(astronaut, BLAZEFACE_ASTRONAUT)
     np.testing.assert_allclose(emb.embeddings[0], _clip_embeds(vision, face[None])[0], atol=1e-5)
     whole = _clip_embeds(vision, vision.pixel_values(astronaut)[None])[0]
     assert np.abs(emb.embeddings[0] - whole).max() > 1e-3  # the crop, not the whole frame
@@ -112,7 +114,7 @@ def test_vision_is_absent_without_a_face(vision, blank):
 def test_a_window_mixing_face_and_blank_frames_counts_the_faces(vision, astronaut, blank):
     feats = vision.extract([blank, astronaut, blank, astronaut, astronaut])
     assert feats.length == 3
-    assert feats.info == {"faces": [list(ASTRONAUT_FACE)] * 3, "frames": 5}
+    assert feats.info == {"faces": [list(BLAZEFACE_ASTRONAUT)] * 3, "frames": 5}
     assert feats.values[:3].any(axis=1).all() and not feats.values[3:].any()
 
 
@@ -291,7 +293,14 @@ def test_specs_record_what_the_checkpoint_needs(standin_models, vision, audio):
     assert vision.spec.revision.startswith("local:")
     assert (vision.spec.layer, vision.spec.dim, vision.spec.seq_len, vision.spec.sample_rate) == ("image_embeds", 32,
                                                                                                   4, 0)
-    assert vision.spec.preprocessing == "haar-face-crop(margin=0.2)+clip-224"
+    assert vision.spec.preprocessing == "blazeface-face-crop(margin=0.2)+clip-224"
+    # The detector is part of the features: a checkpoint made with the Haar cascade gets the Haar cascade back.
+    from mcihn.spec import FeatureSpec
+
+    haar_spec = dataclasses.replace(vision.spec, preprocessing="haar-face-crop(margin=0.2)+clip-224")
+    options = ExtractorOptions.from_spec(FeatureSpec(haar_spec, audio.spec, audio.spec))
+    assert options.face_detector == "haar"
+    assert ExtractorOptions.from_spec(FeatureSpec(vision.spec, audio.spec, audio.spec)).face_detector == "blazeface"
     no_crop = VisionExtractor(str(standin_models["vision"]), face_crop=False)
     assert no_crop.spec.preprocessing == "clip-224" and no_crop.spec.seq_len == 10
     assert audio.spec.extractor == str(standin_models["audio"]) and audio.spec.revision == audio.source.revision
