@@ -1,6 +1,7 @@
 """Vision features: CLIP image embeddings of the face in each frame (10 x 512 with CLIP ViT-B/32).
 
-A frame goes through: Haar-cascade face detection (OpenCV) -> crop the largest face with a margin -> CLIP's
+A frame goes through: face detection (BlazeFace by default, engines/face.py; OpenCV's Haar cascade for checkpoints
+that recorded it) -> crop the largest face with a margin -> CLIP's
 preprocessing, re-done in numpy/OpenCV (resize the shortest side, center-crop, normalise) -> the CLIP vision
 tower's projected `image_embeds`. Frames are embedded one at a time as they enter the live window
 (`embed_frames`), and a window of embeddings becomes the modality's Features (`window`). A frame without a face
