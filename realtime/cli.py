@@ -188,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 the session ended (end of the file, --duration, q/Esc, Ctrl+C or SIGTERM once running);
     1 events were lost (an output failed: a full disk) or a bug (its traceback is printed); 2 an expected fault
     (one line); 130 Ctrl+C before the recognizer was running (imports, model loading)."""
+    # Until the recognizer runs, Ctrl+C (or SIGTERM) leaves at once: a KeyboardInterrupt raised while a native
+    # module imports or loads (pybind11 code calling back into Python) makes C++ call terminate() (an abort,
+    # seen in 1 of ~10 tries at 0.5 s). Nothing is running or written yet, so there is nothing to flush.
+    signal.signal(signal.SIGINT, _leave_during_start_up)
+    signal.signal(signal.SIGTERM, _leave_during_start_up)
     try:
         code = _run(build_parser().parse_args(argv))
     except KeyboardInterrupt:  # during start-up, or a second Ctrl+C while stopping: no traceback
@@ -203,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _leave_during_start_up(*_) -> None:
+    print("mcihn-live: stopping", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
 def _run(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="mcihn-live: %(message)s")
     if args.list_devices:
@@ -211,7 +221,6 @@ def _run(args) -> int:
         print(list_devices())
         return 0
     # SIGTERM (a supervisor, a closed terminal) shuts down like Ctrl+C: outputs flushed, threads joined.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     from realtime.overlay import display_available
     from realtime.recognizer import Recognizer
 
@@ -226,6 +235,9 @@ def _run(args) -> int:
         rec = Recognizer(config)
         rec.start()
         running = True
+        # From now on Ctrl+C and SIGTERM stop the session cleanly: outputs flushed, threads joined.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         _announce(rec, args)
         run_session(rec, overlay, args.duration, args.quiet)
         if rec.error is not None:  # the session ended early on an error (a broken file, a failed update)
