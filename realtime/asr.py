@@ -18,6 +18,7 @@ commit's lag is the commit time minus the word's end time).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -90,6 +91,15 @@ class Word:
 def normalize(text: str) -> str:
     """The comparison key of a word: case-folded, without punctuation or spaces ("Hello," == "hello")."""
     return "".join(c for c in text.casefold() if not (c.isspace() or unicodedata.category(c).startswith("P")))
+
+
+@functools.cache
+def voice_vad_options():
+    """Silero VAD settings for "is someone speaking now" (the ASR's pass policy, the events' voice presence):
+    faster-whisper's defaults, right for transcription, merge speech across 2 s of silence and pad it by 0.4 s."""
+    from faster_whisper.vad import VadOptions
+
+    return VadOptions(min_speech_duration_ms=100, min_silence_duration_ms=100, speech_pad_ms=30)
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
@@ -585,13 +595,12 @@ class AsrWorker:
 
     def _listen(self) -> tuple[bool, float]:
         """(speech in the audio not yet checked, seconds of silence at the end of the buffer)."""
-        from faster_whisper.vad import VadOptions, get_speech_timestamps
+        from faster_whisper.vad import get_speech_timestamps
 
         unchecked, self._unchecked_s = self._unchecked_s, 0.0
         recent = self.transcriber.recent(unchecked + 0.5)  # the new audio and half a second before it
         seconds = len(recent) / SAMPLE_RATE
-        speech = get_speech_timestamps(recent, VadOptions(min_speech_duration_ms=100, min_silence_duration_ms=100,
-                                                          speech_pad_ms=30))
+        speech = get_speech_timestamps(recent, voice_vad_options())
         if not speech:
             return False, seconds
         end = speech[-1]["end"] / SAMPLE_RATE

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from engines.extractor import Features
+from realtime.asr import voice_vad_options
 from realtime.buffers import SAMPLE_RATE, AudioRing, LatestFrame
 from realtime.events import AudioPresence, EmotionEvent, ModalityScores, Presence, TextPresence, VisionPresence
 from realtime.faults import Faults
@@ -37,14 +38,6 @@ def _age(seconds: float | None) -> float | None:
     return None if seconds is None else round(float(max(seconds, 0.0)), 3)
 
 
-def _voice_vad():
-    from faster_whisper.vad import VadOptions
-
-    # Faster-whisper's defaults merge speech across 2 s of silence and pad it by 0.4 s (right for transcription,
-    # wrong for "is someone speaking now").
-    return VadOptions(min_speech_duration_ms=100, min_silence_duration_ms=100, speech_pad_ms=30)
-
-
 class Tick:
     """One update per call: windows -> presence -> features -> fusion -> EmotionEvent -> `emit`.
 
@@ -59,7 +52,7 @@ class Tick:
         self.stack, self.config, self.buffers, self.clock = stack, config, buffers, clock
         self.ring, self.frames, self.vision, self.text_window, self.asr = ring, frames, vision, text_window, asr
         self.faults, self._emit, self._skipped = faults, emit, skipped
-        self._vad = _voice_vad()
+        self._vad = voice_vad_options()
         self.seq = 0
         self._text_version_seen = 0
 
