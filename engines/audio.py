@@ -92,6 +92,161 @@ class _AudioFeatures(nn.Module):
         return self.model(input_values=input_values).last_hidden_state
 
 
+class StreamingConvFeatures:
+    """Wav2Vec2's conv features (`extract_features`) of a sliding window, computing only the frames that are new.
+
+    The conv encoder is local (a frame sees 400 samples) but for one thing: wav2vec2-base's first layer is a
+    GroupNorm with one group per channel, which normalises each channel over the whole window (and the input is
+    normalised over the window before it). Here the first convolution's raw outputs are cached by absolute sample
+    position, the window's statistics are computed exactly on every call (the input normalisation folds into the
+    GroupNorm's epsilon: the first convolution has no bias), and only frames not computed before go through the
+    rest of the encoder, with the current statistics. A frame computed earlier keeps the statistics of its own
+    window: that is the one approximation (docs/live.md, "Incremental audio features": it measures the error).
+    With no earlier frames (the first call, or after a pause in the calls) the result is the exact window.
+
+    Frames sit on a grid of `hop` samples from the start of the stream: the window ends at the last whole frame,
+    up to hop - 1 samples (20 ms) before the newest sample, and holds as many whole frames as the samples given do
+    (up to seq_len: 127 for the tick's 2.56 s, as `extract`). Only for GroupNorm encoders without conv bias
+    (`supports`); one caller at a time.
+    """
+
+    def __init__(self, model: nn.Module, seq_len: int, do_normalize: bool, max_drift: float = 0.2,
+                 refresh_frames: int = 16):
+        self.max_drift, self.refresh_frames = max_drift, refresh_frames
+        first, *rest = model.feature_extractor.conv_layers
+        self.seq_len, self.do_normalize = seq_len, do_normalize
+        self.k0, self.s0 = int(first.conv.kernel_size[0]), int(first.conv.stride[0])
+        self.w0 = first.conv.weight.detach().numpy()[:, 0, :].T.astype(np.float32)  # (k0, C)
+        self.norm = first.layer_norm  # GroupNorm: its affine weights and eps
+        self.activation = first.activation
+        self.rest = nn.Sequential(*rest)
+        self.projection_norm = model.feature_projection.layer_norm
+        config = model.config
+        self.receptive, self.hop = conv_geometry(config.conv_kernel, config.conv_stride)
+        rest_receptive, rest_hop = conv_geometry(config.conv_kernel[1:], config.conv_stride[1:])
+        self.rest_receptive, self.rest_hop = rest_receptive, rest_hop  # in first-layer frames (79, 64)
+        window_z = (self.receptive + (seq_len - 1) * self.hop - self.k0) // self.s0 + 1  # first-layer frames
+        channels, dim = self.w0.shape[1], int(config.conv_dim[-1])
+        self._z = np.zeros((2 * window_z, channels), np.float32)  # raw first-layer outputs, by index % len
+        self._z_hi = 0  # absolute first-layer frames [_z_lo, _z_hi) are held
+        self._z_lo = 0
+        self._feats = np.zeros((2 * seq_len, dim), np.float32)  # finished frames, by absolute index % len
+        self._log_std = np.zeros((2 * seq_len, channels), np.float32)  # the log std each frame was normalised with
+        self._f_lo = self._f_hi = 0
+        self._s_lo = self._s_hi = 0  # the rows [_s_lo, _s_hi) summed in _sum and _sumsq
+        self._s_updates = 1000  # updates since they were last summed whole (1000: sum whole on the next call)
+        self._sum, self._sumsq = np.zeros(channels, np.float64), np.zeros(channels, np.float64)
+        self.computed = 0  # frames put through the encoder so far (tests, benchmarks)
+        self.refreshed = 0  # whole windows computed
+
+    @staticmethod
+    def supports(model: nn.Module, layer: str) -> bool:
+        config = model.config
+        return layer == "conv" and config.feat_extract_norm == "group" and not config.conv_bias
+
+    def __call__(self, samples: np.ndarray, end_index: int, out: np.ndarray) -> int | None:
+        """Fill `out` (seq_len, dim) with the features of the newest frames of `samples` (16 kHz; the newest
+        sample is absolute stream index `end_index` - 1): as many whole grid frames as they hold, up to seq_len,
+        zero rows after them, as `extract` packs them. Returns the frames written, or None when `samples` hold
+        less than two frames (the caller then runs the exact model)."""
+        first_held = end_index - len(samples)
+        f_last = (end_index - self.receptive) // self.hop
+        f_first = max(f_last - self.seq_len + 1, -(-first_held // self.hop))
+        n = f_last - f_first + 1
+        if n < 2:
+            return None
+        start = f_first * self.hop  # absolute index of the window's first sample
+        wave = samples[start - first_held: start - first_held + self.receptive + (n - 1) * self.hop]
+        g0 = start // self.s0  # the window's first-layer frames: [g0, g0 + n_z)
+        n_z = (len(wave) - self.k0) // self.s0 + 1
+        self._update_z(wave, g0, n_z)
+        mean, var = self._window_stats(g0, g0 + n_z)
+        if self.do_normalize:  # x -> (x - m) / sd before the (bias-free) conv: the GroupNorm sees var / sd^2
+            sd2 = float(np.var(wave, dtype=np.float64)) + 1e-7
+        else:
+            sd2 = 1.0
+        inv_std = 1.0 / np.sqrt(var + self.norm.eps * sd2)
+        log_std = -np.log(inv_std).astype(np.float32)
+        if not (self._f_lo <= f_first <= self._f_hi):  # nothing reusable: the whole window, exact
+            self._f_lo = self._f_hi = f_first
+            self.refreshed += 1
+        new_from = max(self._f_hi, f_first)
+        if new_from <= f_last:
+            self._put_feats(new_from, self._encode(new_from, f_last + 1, mean, inv_std), log_std)
+        # Frames whose statistics have drifted from the window's (speech starting or stopping changes them most)
+        # are recomputed, the oldest first, at most `refresh_frames` a call: the cost of a call stays bounded.
+        if new_from > f_first and self.refresh_frames:
+            idx = np.arange(f_first, new_from) % len(self._feats)
+            drift = np.median(np.abs(self._log_std[idx] - log_std), axis=1)
+            stale = np.flatnonzero(drift > self.max_drift)
+            if stale.size:
+                lo = f_first + int(stale[0])
+                hi = min(lo + self.refresh_frames, new_from)
+                self._put_feats(lo, self._encode(lo, hi, mean, inv_std), log_std)
+        self._f_lo = max(self._f_lo, f_last + 1 - len(self._feats))
+        np.take(self._feats, np.arange(f_first, f_last + 1) % len(self._feats), axis=0, out=out[:n])
+        out[n:] = 0.0
+        return n
+
+    def _update_z(self, wave: np.ndarray, g0: int, n_z: int) -> None:
+        """Raw first-layer outputs of the window's frames not held yet."""
+        g_end = g0 + n_z
+        if not (self._z_lo <= g0 <= self._z_hi):
+            self._z_lo = self._z_hi = g0
+        new_from = max(self._z_hi, g0)
+        if new_from < g_end:
+            local = (new_from - g0) * self.s0
+            frames = np.lib.stride_tricks.sliding_window_view(wave[local:], self.k0)[:: self.s0][: g_end - new_from]
+            idx = np.arange(new_from, g_end) % len(self._z)
+            self._z[idx] = frames @ self.w0
+            self._z_hi = g_end
+            self._z_lo = max(self._z_lo, g_end - len(self._z))
+
+    def _window_stats(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and variance of first-layer frames [lo, hi), from running float64 sums: rows leaving
+        the window are subtracted, rows entering it added (recomputed whole now and then, and when the window
+        jumps)."""
+        if not (self._s_lo <= lo <= self._s_hi <= hi) or self._s_updates >= 1000:
+            z = self._z_rows(lo, hi).astype(np.float64)
+            self._sum, self._sumsq = z.sum(axis=0), np.einsum("tc,tc->c", z, z)
+            self._s_updates = 0
+        else:
+            if lo > self._s_lo:
+                gone = self._z_rows(self._s_lo, lo).astype(np.float64)
+                self._sum -= gone.sum(axis=0)
+                self._sumsq -= np.einsum("tc,tc->c", gone, gone)
+            if hi > self._s_hi:
+                new = self._z_rows(self._s_hi, hi).astype(np.float64)
+                self._sum += new.sum(axis=0)
+                self._sumsq += np.einsum("tc,tc->c", new, new)
+            self._s_updates += 1
+        self._s_lo, self._s_hi = lo, hi
+        n = hi - lo
+        mean = self._sum / n
+        return mean, np.maximum(self._sumsq / n - mean * mean, 0.0)
+
+    def _z_rows(self, lo: int, hi: int) -> np.ndarray:
+        return self._z[np.arange(lo, hi) % len(self._z)]
+
+    @torch.inference_mode()
+    def _encode(self, f_from: int, f_to: int, mean: np.ndarray, inv_std: np.ndarray) -> np.ndarray:
+        """Frames [f_from, f_to): their first-layer outputs normalised with the given statistics, activated, and
+        through the other layers -> (N, dim)."""
+        rows = self._z_rows(f_from * self.rest_hop, (f_to - 1) * self.rest_hop + self.rest_receptive)
+        scale = (inv_std * self.norm.weight.detach().numpy()).astype(np.float32)
+        shift = (self.norm.bias.detach().numpy() - mean * scale).astype(np.float32)
+        h = torch.from_numpy(rows * scale + shift).T[None]  # (1, C, L)
+        h = self.rest(self.activation(h)).transpose(1, 2)  # (1, N, dim)
+        self.computed += h.shape[1]
+        return self.projection_norm(h)[0].numpy()
+
+    def _put_feats(self, f_from: int, feats: np.ndarray, log_std: np.ndarray) -> None:
+        idx = np.arange(f_from, f_from + len(feats)) % len(self._feats)
+        self._feats[idx] = feats
+        self._log_std[idx] = log_std
+        self._f_hi = max(self._f_hi, f_from + len(feats))
+
+
 class AudioExtractor(Extractor):
     """Resampling + Wav2Vec2. `extract(samples, sample_rate)` -> Features (seq_len, dim) of the newest audio, with
     length = frames computed from real samples (0 for empty or too short audio: audio absent)."""
@@ -121,6 +276,7 @@ class AudioExtractor(Extractor):
                                  sample_rate=SAMPLE_RATE)
         self._core = _AudioFeatures(self.model, layer)
         self._scratch = np.empty(0, np.float32)
+        self._streaming: StreamingConvFeatures | None = None
 
     @staticmethod
     def _read_do_normalize(folder: Path) -> bool:
@@ -149,6 +305,24 @@ class AudioExtractor(Extractor):
             dynamic_axes={"input_values": {0: "batch", 1: "samples"}, "features": {0: "batch", 1: "frames"}},
             shape_profile={"input_values": ((1, lo), (1, self.window_samples), (1, self.window_samples))},
         )
+
+    @property
+    def can_stream(self) -> bool:
+        """Whether `extract_stream` computes only new frames (GroupNorm conv features, CPU)."""
+        return StreamingConvFeatures.supports(self.model, self.layer)
+
+    def extract_stream(self, samples: np.ndarray, end_index: int, out: np.ndarray) -> Features:
+        """Like `extract` on 16 kHz mono `samples` whose newest sample is absolute stream index `end_index` - 1,
+        computing only the frames that are new since the last call (StreamingConvFeatures); the exact model when
+        it cannot (too little audio yet, or an encoder it does not support)."""
+        if self.can_stream:
+            if self._streaming is None:
+                self._streaming = StreamingConvFeatures(self.model, self.seq_len, self.do_normalize)
+            frames = self._streaming(samples, end_index, out)
+            if frames is not None:
+                seconds = (self.receptive_field + (frames - 1) * self.hop) / SAMPLE_RATE
+                return Features(out, frames, {"seconds": round(seconds, 4), "incremental": True})
+        return self.extract(samples, SAMPLE_RATE, out=out)
 
     def extract(self, samples: np.ndarray, sample_rate: int, out: np.ndarray | None = None) -> Features:
         """Features of the newest window of `samples`. `out`: a (seq_len, dim) float32 array to fill instead of

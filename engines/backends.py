@@ -66,15 +66,20 @@ def create_backend(model: EngineModel, kind: str = "auto", device: str | None = 
     """A backend running `model`.
 
     device: "cpu", "cuda" or "cuda:N" (default: cuda when there is a GPU). precision: fp32 or fp16 (default:
-    fp16 on a GPU, fp32 on the CPU; fp16 on the CPU is refused). cache_dir holds exported ONNX files and
+    fp16 on a GPU, fp32 on the CPU; fp16 on the CPU is refused), or int8 (onnxruntime on the CPU: int8 weights
+    for the matrix products, engines/export.py `quantized_onnx`). cache_dir holds exported ONNX files and
     TensorRT engines (default ~/.cache/mcihn-live/engines); `onnx_path` skips the export with a file already
     made from this model. cuda_graphs (torch on a GPU) defaults to on. threads: CPU threads for onnxruntime.
     """
     device = device or ("cuda" if cuda_available() else "cpu")
     on_cuda = _device(device).type == "cuda"
     precision = precision or ("fp16" if on_cuda else "fp32")
-    if precision not in PRECISIONS:
-        raise BackendChoiceError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in (*PRECISIONS, "int8"):
+        raise BackendChoiceError(f"precision must be one of {', '.join(PRECISIONS)} or int8, got {precision!r}")
+    requested_kind = kind
+    if precision == "int8" and (on_cuda or resolve_kind(kind, device) != "onnxruntime"):
+        raise BackendChoiceError(f"int8 is onnxruntime's on the CPU (dynamic quantization); got backend "
+                                 f"{requested_kind!r} on {device!r}: use --backend onnxruntime --device cpu")
     if precision == "fp16" and not on_cuda:
         raise BackendChoiceError(f"fp16 needs a CUDA device (got device {device!r}); use precision='fp32' on the "
                                  f"CPU")
@@ -95,6 +100,10 @@ def create_backend(model: EngineModel, kind: str = "auto", device: str | None = 
                 raise
             log.warning("%s: ONNX export failed (%s); using torch", model.name, err)
             return TorchBackend(model, device, precision)
+        if precision == "int8":
+            from engines.export import quantized_onnx
+
+            return OnnxRuntimeBackend(quantized_onnx(path), model, threads=threads, cache_dir=cache_dir)
         return OnnxRuntimeBackend(path, model, threads=threads, precision=precision, cache_dir=cache_dir)
 
     # TensorRT: checked first, so a machine without it learns which extra to install before anything is exported.

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000  # Whisper's input rate
 WINDOW_S = 30.0  # Whisper's window: a longer buffer would take several windows per pass
+MAX_TOKENS_PER_S = 8  # a pass's decoding budget per second of audio (StreamingTranscriber.process)
 SENTENCE_END = (".", "?", "!", "。", "？", "！")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -56,7 +57,7 @@ class AsrOptions:
     device: str = "auto"  # "auto" (CUDA when CTranslate2 sees a GPU), "cpu" or "cuda"
     compute_type: str = "auto"  # "auto": float16 on CUDA, int8 on CPU; or any CTranslate2 compute type
     beam_size: int = 1  # greedy: beam search costs latency, and LocalAgreement already filters unstable words
-    min_chunk_s: float = 0.5  # new audio needed before another pass while someone speaks
+    min_chunk_s: float = 0.4  # new audio needed before another pass while someone speaks
     # Passes only where words can change (AsrWorker.step): while speech continues (every min_chunk_s), and once at
     # each pause (pause_s of silence after speech), whose words are then committed as they stand; none over silence.
     vad_passes: bool = True
@@ -464,13 +465,18 @@ class StreamingTranscriber:
         segments, info = self.model.transcribe(
             self._audio, language=self.language, beam_size=o.beam_size, word_timestamps=True,
             initial_prompt=self.prompt() or None, vad_filter=o.vad,
+            # Speech has ~3-4 tokens a second: a pass decoding far more is a repetition loop, cut short (a loop
+            # of 448 tokens takes seconds on a CPU and would hold every commit behind it).
+            max_new_tokens=int(MAX_TOKENS_PER_S * audio_s) + 16,
             # One temperature: a fallback re-decode would multiply the pass time; disagreeing passes are
             # filtered by LocalAgreement anyway. The buffer is one window, so there is no previous text.
             temperature=0.0, condition_on_previous_text=False)
         # A byte sequence that is not UTF-8 (a multi-byte character cut between tokens, or a model that is
-        # not trained) decodes to U+FFFD: never show or fuse that; a word left empty is no word.
+        # not trained) decodes to U+FFFD: never show or fuse that.
         words = ((w, w.word.replace("\ufffd", "")) for s in segments for w in (s.words or ()))
-        hypothesis = [Word(w.start, w.end, text) for w, text in words if text.strip()]
+        # A "word" of punctuation alone (". . . ." is Whisper's favourite loop on a short buffer) is no word: kept,
+        # it would be committed, then prompted, and the loop would go on through every later pass.
+        hypothesis = [Word(w.start, w.end, text) for w, text in words if normalize(text)]
         pass_ms = (time.perf_counter() - t) * 1e3
         self.passes += 1
         new = self.agreement.insert(hypothesis, offset=self.buffer_t0 or 0.0)

@@ -129,15 +129,22 @@ class AudioRing:
 
     def read_last(self, seconds: float, out: np.ndarray | None = None,
                   now: float | None = None) -> tuple[np.ndarray, float | None]:
+        samples, t_end, _ = self.read_last_indexed(seconds, out, now)
+        return samples, t_end
+
+    def read_last_indexed(self, seconds: float, out: np.ndarray | None = None,
+                          now: float | None = None) -> tuple[np.ndarray, float | None, int]:
         """(a copy of the newest `seconds` of audio, or less when the ring holds less; time of its last sample).
         `now`: keep only samples captured within `seconds` before `now`, so audio that stopped arriving (a
         microphone unplugged, a stream that ended) ages out of the window instead of being read for ever.
-        `out`: a float32 array of at least that many samples to copy into (a view of it is returned)."""
+        `out`: a float32 array of at least that many samples to copy into (a view of it is returned).
+        `read_last_indexed` also returns the absolute index just after the last sample (`written` then): where
+        the window sits in the stream, for features computed incrementally."""
         with self._lock:
             n = min(max(0, int(round(seconds * self.rate))), self.available)
             if now is not None and self.t_end is not None:
                 n = min(n, max(0, int(round((seconds - (now - self.t_end)) * self.rate))))
-            return self._copy(self.written - n, self.written, out), self.t_end
+            return self._copy(self.written - n, self.written, out), self.t_end, self.written
 
     def read_since(self, t: float) -> tuple[np.ndarray, float | None]:
         """(the samples captured strictly after monotonic time `t` still held; time of the last sample)."""

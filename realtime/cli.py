@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "checkpoint's, else 8)")
     run.add_argument("--backend", default="auto", help="auto | torch | onnxruntime | tensorrt")
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is a GPU)")
+    run.add_argument("--precision", default=None, choices=("fp32", "fp16", "int8"),
+                     help="extractors: fp16 (GPU; its default), fp32 (the CPU's default) or int8 (onnxruntime on "
+                          "the CPU: int8 matrix products, ~3x faster transformers)")
+    run.add_argument("--incremental-audio", action="store_true",
+                     help="CPU: compute only the audio window's new frames each update, not the whole window: "
+                          "several times cheaper, approximate (docs/live.md, 'Incremental audio features')")
     run.add_argument("--threads", type=int, default=None,
                      help="CPU threads per worker (vision, updates, ASR); default: half the cores")
     run.add_argument("--vision-model", help="load the checkpoint's vision model from this folder instead")
@@ -66,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     asr.add_argument("--asr-device", default="auto", help="auto | cpu | cuda")
     asr.add_argument("--compute-type", default="auto", help="auto (int8 on CPU, float16 on GPU), int8, float16, ...")
     asr.add_argument("--no-asr", action="store_true", help="no speech recognition (text stays absent)")
+    asr.add_argument("--asr-nice", type=int, default=10, choices=range(20), metavar="0-19",
+                     help="Linux: the ASR threads' niceness, so its passes never starve the updates (default 10; "
+                          "0: normal priority)")
     out = p.add_argument_group("outputs")
     out.add_argument("--jsonl", help="append every event to this file, one JSON object per line")
     out.add_argument("--ws", help="broadcast events over WebSocket on [HOST:]PORT (loopback by default)")
@@ -101,7 +110,7 @@ def _config_from_args(args):
     from realtime.recognizer import DEFAULT_CACHE, LiveConfig
 
     asr = AsrOptions(model=args.asr_model, language=None if args.language == "auto" else args.language,
-                     device=args.asr_device, compute_type=args.compute_type)
+                     device=args.asr_device, compute_type=args.compute_type, nice=args.asr_nice)
     camera = int(args.camera) if str(args.camera).isdigit() else args.camera
     mic = int(args.mic) if args.mic is not None and str(args.mic).isdigit() else args.mic
     return LiveConfig(
@@ -110,8 +119,9 @@ def _config_from_args(args):
         height=args.height, fps=args.fps, use_camera=not args.no_camera, use_mic=not args.no_mic,
         use_asr=not args.no_asr, speed=args.speed, loop=args.loop, hop_s=args.hop, window_s=args.window,
         text_horizon_s=args.text_horizon,
-        backend=args.backend, device=args.device, threads=args.threads, vision_model=args.vision_model,
-        text_model=args.text_model,
+        backend=args.backend, device=args.device, precision=args.precision, threads=args.threads,
+        incremental_audio=args.incremental_audio,
+        vision_model=args.vision_model, text_model=args.text_model,
         audio_model=args.audio_model, asr=asr, jsonl=args.jsonl, ws=args.ws, osc=args.osc, lsl=args.lsl,
         record=args.record, cache_dir=args.cache_dir or str(DEFAULT_CACHE),
         limit_process_threads=True,  # the command owns its process: torch's and OpenCV's pools too

@@ -56,6 +56,12 @@ class LiveConfig:
     window_s: float = 2.56
     backend: str = "auto"
     device: str | None = None
+    # The extractors' precision: None = fp16 on a GPU, fp32 on a CPU; "int8": onnxruntime's int8 matrix products
+    # on the CPU (the vision and text transformers ~3x faster; MCIHN's fusion stays fp32).
+    precision: str | None = None
+    # CPU: compute only the audio window's new frames each tick (~6x cheaper), not the whole window; approximate
+    # (docs/live.md, "Incremental audio features"), so off unless asked for.
+    incremental_audio: bool = False
     threads: int | None = None  # CPU threads per worker (vision, tick, ASR); None: half the cores, at least 1
     vision_model: str | None = None
     text_model: str | None = None

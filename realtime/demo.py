@@ -24,6 +24,20 @@ class DemoAssets:
     models: dict[str, Path]
 
 
+# Raised when the extractors' defaults change what a demo checkpoint records, so that a cached one is rebuilt:
+# 2 = BlazeFace face crop (format 1 checkpoints recorded Haar, and runs with them kept timing the Haar detector).
+DEMO_FORMAT = 2
+
+
+def _demo_format(checkpoint: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads((checkpoint / "config.json").read_text()).get("metadata", {}).get("demo_format", 1))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def prepare_demo(folder: str | Path, size: str = "tiny") -> DemoAssets:
     """Build (once; reused after) stand-in extractors, a stand-in Whisper and an untrained MCIHN checkpoint.
 
@@ -43,7 +57,7 @@ def prepare_demo(folder: str | Path, size: str = "tiny") -> DemoAssets:
     models = build_standins(folder / "models", size)
     whisper = build_tiny_whisper(folder / "whisper", size=size)
     checkpoint = folder / "checkpoint"
-    if not (checkpoint / "config.json").is_file():
+    if not (checkpoint / "config.json").is_file() or _demo_format(checkpoint) != DEMO_FORMAT:
         options = ExtractorOptions(**{m: str(models[m]) for m in MODALITIES}, face_crop=True)
         spec = extractors_spec(build_extractors(options))
         sizes = {"latent_len": 8, "latent_dim": 32, "num_heads": 2} if size == "tiny" else {}  # base: the paper's
@@ -52,5 +66,6 @@ def prepare_demo(folder: str | Path, size: str = "tiny") -> DemoAssets:
                              head="classification", labels=DEMO_LABELS, **sizes)
         torch.manual_seed(0)
         save_checkpoint(checkpoint, MCIHN(config).eval(), spec,
-                        {"untrained": True, "note": "random weights for the demo: the scores mean nothing"})
+                        {"untrained": True, "note": "random weights for the demo: the scores mean nothing",
+                         "demo_format": DEMO_FORMAT})
     return DemoAssets(checkpoint, whisper, models)

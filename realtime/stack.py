@@ -36,6 +36,10 @@ class Stack:
     late_fusion: object | None = None  # mcihn.late_fusion.LateFusion
     text_scope: str = "window"  # "utterance": the sentence being spoken (AsrWorker.last_utterance) is encoded
     text_horizon_s: float = 8.0  # committed words expire this long after the end of the newest one
+    # Audio features computed incrementally each tick (engines/audio.py StreamingConvFeatures; CPU, GroupNorm
+    # Wav2Vec2 conv features, when the config asks): several times cheaper, within the error docs/live.md
+    # measures; False: the exact window.
+    incremental_audio: bool = False
 
 
 class TickBuffers:
@@ -114,10 +118,12 @@ def load_checkpoint_stack(checkpoint_dir: Path, config: LiveConfig, asr_options:
     if threads is not None and asr_options.threads == 0:
         asr_options = replace(asr_options, threads=threads)
     for extractor in extractors.values():
-        extractor.use_backend(create_backend(extractor.engine_model(), config.backend, config.device, cache_dir=cache,
+        extractor.use_backend(create_backend(extractor.engine_model(), config.backend, config.device,
+                                             config.precision, cache_dir=cache,
                                              threads=threads))
     model = ckpt.model
-    fusion = create_backend(mcihn_engine_model(model), config.backend, config.device, cache_dir=cache,
+    fusion = create_backend(mcihn_engine_model(model), config.backend, config.device,
+                            None if config.precision == "int8" else config.precision, cache_dir=cache,
                             threads=threads)
     cfg = model.config
     return Stack(extractors, fusion, cfg.head, list(cfg.labels), dict(cfg.seq_lens), dict(cfg.input_dims),
@@ -125,7 +131,9 @@ def load_checkpoint_stack(checkpoint_dir: Path, config: LiveConfig, asr_options:
                  models={m: extractors[m].spec.extractor if m in extractors else None
                          for m in ("vision", "text", "audio")},
                  fusion_name=f"mcihn: {checkpoint_dir}", metadata=ckpt.metadata,
-                 text_horizon_s=float(config.text_horizon_s or ckpt.metadata.get("text_horizon_s", 8.0)))
+                 text_horizon_s=float(config.text_horizon_s or ckpt.metadata.get("text_horizon_s", 8.0)),
+                 incremental_audio=bool(threads is not None and config.incremental_audio and "audio" in extractors
+                                        and extractors["audio"].can_stream))
 
 
 def cpu_thread_budget(config: LiveConfig) -> int | None:

@@ -68,8 +68,22 @@ class Tick:
         presence = Presence()
 
         buffers = self.buffers
+        # Live, the newest frame is analysed on the vision thread while this one computes the audio (joined below).
+        analysing = self.vision.begin() if self.vision is not None else None
+
+        samples, t_end, end_index = self.ring.read_last_indexed(cfg.window_s, out=buffers.audio, now=now)
+        if t_end is not None and len(samples):
+            newest_capture.append(t_end)  # the audio, or the speech the text comes from
+        presence.audio = self._voice_presence(samples, latency)
+        presence.audio.age_s = _age(now - t_end if t_end is not None else None)
+        presence.audio.fresh = bool(presence.audio.age_s is not None and presence.audio.age_s <= AUDIO_FRESH_S)
+        if "audio" in stack.modalities:
+            feats["audio"] = self._audio_features(samples, end_index, presence.audio, latency)
+            presence.audio.fused = bool(feats["audio"].present)
+
         vision = None
         if self.vision is not None:
+            self.vision.wait(analysing, timeout=cfg.hop_s)
             vision, newest = self.vision.window.snapshot(now, out=buffers.vision)
             if stack.face is None:
                 feats["vision"] = vision  # MCIHN's input; the starter's face scores are fused late instead
@@ -81,16 +95,6 @@ class Tick:
             presence.vision = VisionPresence(
                 bool(vision.present), list(newest.face) if in_newest else None, int(vision.length), now=in_newest,
                 fresh=bool(age is not None and age <= VISION_FRESH_S), fused=bool(vision.present), age_s=_age(age))
-
-        samples, t_end = self.ring.read_last(cfg.window_s, out=buffers.audio, now=now)
-        if t_end is not None and len(samples):
-            newest_capture.append(t_end)  # the audio, or the speech the text comes from
-        presence.audio = self._voice_presence(samples, latency)
-        presence.audio.age_s = _age(now - t_end if t_end is not None else None)
-        presence.audio.fresh = bool(presence.audio.age_s is not None and presence.audio.age_s <= AUDIO_FRESH_S)
-        if "audio" in stack.modalities:
-            feats["audio"] = self._audio_features(samples, presence.audio, latency)
-            presence.audio.fused = bool(feats["audio"].present)
 
         if self.text_window is not None:
             feats["text"], presence.text = self._text(now, latency)
@@ -149,14 +153,21 @@ class Tick:
         hop_start = len(samples) - int(self.config.hop_s * SAMPLE_RATE)
         return AudioPresence(True, bool(speech), round(seconds, 3), now=any(s["end"] > hop_start for s in speech))
 
-    def _audio_features(self, samples: np.ndarray, presence: AudioPresence, latency: dict[str, float]) -> Features:
-        """The audio window's features; absent (length 0) when there is no speech in it."""
+    def _audio_features(self, samples: np.ndarray, end_index: int, presence: AudioPresence,
+                        latency: dict[str, float]) -> Features:
+        """The audio window's features; absent (length 0) when there is no speech in it. Computed incrementally
+        (only the frames new since the last tick, engines/audio.py `StreamingConvFeatures`) when the config asks
+        for it on a CPU."""
         out = self.buffers.features("audio")
         if not presence.voiced:
             out.fill(0.0)
             return Features(out, 0)
         start = time.perf_counter()
-        feats = self.stack.extractors["audio"].extract(samples, SAMPLE_RATE, out=out)
+        extractor = self.stack.extractors["audio"]
+        if self.stack.incremental_audio:
+            feats = extractor.extract_stream(samples, end_index, out)
+        else:
+            feats = extractor.extract(samples, SAMPLE_RATE, out=out)
         latency["audio"] = (time.perf_counter() - start) * 1e3
         return feats
 

@@ -6,9 +6,12 @@ box); both have `embed_frames([frame]) -> FrameEmbeddings`. The window's `seq_le
 frame is analysed every window_s / seq_len seconds (0.256 s), the newest one: the CPU is not spent on frames that
 would fall out of the window unseen (docs/live.md, "Vision rate").
 
-Live, `start` runs a thread that takes the newest frame from the LatestFrame the camera (or file, or host) fills;
-offline, the replay loop offers each decoded frame itself (realtime/replay.py). Both go through `offer`, paced by
-the session's clock (realtime/clock.py).
+Live, the tick drives it: at the start of each tick `begin` hands the newest frame to the analysis thread, the tick
+computes the audio meanwhile, and `wait` joins the two before fusing (docs/live.md, "Vision rate"). The frame
+fused is then at most a camera frame old when its analysis starts, instead of anywhere up to an interval old
+plus its analysis, and vision and audio use the two cores side by side. A thread follows the LatestFrame the
+camera (or file, or host) fills, for the overlay. Offline, the replay loop offers each decoded frame itself
+(realtime/replay.py) on a grid of media time, paced by the session's clock (realtime/clock.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 
@@ -37,6 +42,12 @@ class VisionWorker:
         self._next_due = clock.now()
         self.latest_frame: np.ndarray | None = None  # the newest frame the live thread took (the overlay draws it)
         self._thread: threading.Thread | None = None
+        # Live (tick-driven): the analysis thread, the analysis in flight, and what was analysed last.
+        self._frames: LatestFrame | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+        self._analysed_seq = 0
+        self._analysed_at = -float("inf")
 
     def offer(self, frame: np.ndarray, t_capture: float) -> None:
         """A new frame: analysed when one is due. Due times are a grid of `interval` from the start: after a gap
@@ -58,23 +69,57 @@ class VisionWorker:
         embedding = result.embeddings[0] if result.present[0] else None
         self.window.add(EmbeddedFrame(t_capture, embedding, result.boxes[0], (time.perf_counter() - start) * 1e3))
 
-    # -- live: a thread over the LatestFrame ---------------------------------------------------------------------
+    # -- live: driven by the tick ---------------------------------------------------------------------------------
+
+    @property
+    def tick_driven(self) -> bool:
+        return self._pool is not None
 
     def start(self, frames: LatestFrame, stop: threading.Event) -> VisionWorker:
-        self._thread = threading.Thread(target=self._run, args=(frames, stop), name="mcihn-vision", daemon=True)
+        self._frames = frames
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mcihn-vision")
+        self._thread = threading.Thread(target=self._follow, args=(frames, stop), name="mcihn-frames", daemon=True)
         self._thread.start()
         return self
+
+    def begin(self) -> Future | None:
+        """The tick starts: the newest frame not yet analysed goes to the analysis thread, at most one per
+        0.9 `interval` (a tick faster than the vision rate analyses on every few ticks, never more often) and one
+        at a time. Returns the analysis in flight, if any, for `wait`."""
+        if self._pool is None or self._frames is None:
+            return None
+        if self._pending is not None and not self._pending.done():
+            return self._pending
+        now = self.clock.now()
+        if now - self._analysed_at < 0.9 * self.interval:
+            return None
+        item = self._frames.get_new(self._analysed_seq)
+        if item is None:
+            return None
+        self._analysed_seq, self._analysed_at = item.seq, now
+        self._pending = self._pool.submit(self.analyse, item.frame_bgr, item.t_capture)
+        return self._pending
+
+    @staticmethod
+    def wait(pending: Future | None, timeout: float) -> None:
+        """Wait up to `timeout` s for an analysis `begin` started (a slower one enters the window when it ends)."""
+        if pending is not None:
+            try:
+                pending.result(timeout)
+            except FutureTimeout:
+                pass
 
     def join(self, timeout: float) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _run(self, frames: LatestFrame, stop: threading.Event) -> None:
+    def _follow(self, frames: LatestFrame, stop: threading.Event) -> None:
+        """Keep `latest_frame` current for the overlay (no analysis here)."""
         seen = 0
         while not stop.is_set():
             item = frames.wait_new(seen, timeout=0.1)
-            if item is None:
-                continue
-            seen = item.seq
-            self.latest_frame = item.frame_bgr
-            self.offer(item.frame_bgr, item.t_capture)
+            if item is not None:
+                seen = item.seq
+                self.latest_frame = item.frame_bgr

@@ -97,6 +97,7 @@ class RunReport:
     # Speech recognition on the clip's known script (first pass through the clip): word error rate, and per
     # utterance the time from its speech starting to its first committed word.
     asr_wer: float | None = None
+    asr_heard: str = ""  # the words committed for the clip's first pass (what the WER is of)
     first_word_s: list[float] = field(default_factory=list)
 
 
@@ -155,6 +156,8 @@ def peak_rss() -> float:
 
 
 def add_parser(subparsers) -> None:
+    from realtime.asr import AsrOptions
+
     p = subparsers.add_parser("bench", help="latency of the whole live pipeline on a replayed clip",
                               epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", choices=("tiny", "base"),
@@ -165,6 +168,8 @@ def add_parser(subparsers) -> None:
                                     "ASR word error rate is measured against it")
     p.add_argument("--backends", default="onnxruntime", help="comma list: torch, onnxruntime, tensorrt, auto")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is a GPU)")
+    p.add_argument("--precision", default=None, choices=("fp32", "fp16", "int8"),
+                   help="the extractors' (default: fp16 on a GPU, fp32 on the CPU; int8: onnxruntime, CPU)")
     p.add_argument("--duration", type=float, default=None,
                    help="seconds per backend (default 30; 600 with --soak)")
     p.add_argument("--soak", action="store_true",
@@ -175,9 +180,13 @@ def add_parser(subparsers) -> None:
                         "memory growth")
     p.add_argument("--hop", type=float, default=0.25, help="seconds between updates (0.25: 4 updates/s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: half the cores)")
+    p.add_argument("--incremental-audio", action="store_true",
+                   help="CPU: compute only the audio window's new frames each update (approximate; docs/live.md)")
     p.add_argument("--asr-model", default=None, help="faster-whisper model (default: Whisper tiny.en, real weights; "
                                                  "--size tiny: a tiny random stand-in)")
     p.add_argument("--no-asr", action="store_true")
+    p.add_argument("--asr-nice", type=int, default=AsrOptions.nice,
+                   help=f"the ASR threads' niceness on Linux (default {AsrOptions.nice}; 0: normal priority)")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mcihn-live"))
     p.add_argument("--out", default="runs/bench", help="folder for report.json and latency.png")
 
@@ -187,10 +196,11 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
     from realtime.asr import AsrOptions
     from realtime.recognizer import LiveConfig, Recognizer
 
-    asr = AsrOptions(model=args.asr_model) if args.asr_model else AsrOptions()
+    asr = AsrOptions(nice=args.asr_nice, **({"model": args.asr_model} if args.asr_model else {}))
     config = LiveConfig(checkpoint=args.checkpoint, demo=args.checkpoint is None,
                         standins=args.size if args.checkpoint is None else None,
                         source=args.clip, loop=True, hop_s=args.hop, backend=backend, device=args.device,
+                        precision=args.precision, incremental_audio=args.incremental_audio,
                         threads=args.threads, limit_process_threads=True,  # bench owns its process
                         use_asr=not args.no_asr, asr=asr, cache_dir=args.cache_dir)
     events: list[dict] = []
@@ -229,19 +239,41 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
         gpu = torch.cuda.max_memory_allocated() / 2**20
     report = summarize(events, wall, args.hop, lags, backend, cpu_s, peak_rss(), gpu, rss_samples, heap_samples)
     if accuracy is not None:
-        report.asr_wer, report.first_word_s = accuracy
+        report.asr_wer, report.first_word_s, report.asr_heard = accuracy
     return report
 
 
 def clip_script(args) -> str | None:
-    """What the clip says: --script FILE, or the bundled demo clip's sentences."""
+    """What the clip says: --script FILE, or the bench clip's sentences (`resolve_clip`)."""
     if args.script:
         return Path(args.script).read_text()
-    if args.clip is None:
-        from tools.make_demo_clip import SCENES
+    from realtime.demo import DEMO_CLIP
+    from tools.make_demo_clip import BENCH_SCRIPT, SCENES
 
+    if args.clip is None or Path(args.clip).name.startswith("bench-v"):
+        return " ".join(BENCH_SCRIPT)
+    if Path(args.clip) == Path(DEMO_CLIP):
         return " ".join(sentence for _, sentence in SCENES)
     return None
+
+
+def resolve_clip(args) -> None:
+    """No --clip: the bench clip (nine sentences over the demo's faces, built once into the cache with espeak-ng),
+    or the bundled demo clip when espeak-ng is missing (then no WER is measured)."""
+    import shutil
+
+    if args.clip is not None or args.checkpoint is not None:
+        return
+    if shutil.which("espeak-ng") is None:
+        print("mcihn bench: espeak-ng is not installed, so the bundled demo clip is replayed and no word error rate "
+              "is measured (apt-get install espeak-ng for the bench clip)", file=sys.stderr)
+        from realtime.demo import DEMO_CLIP
+
+        args.clip = str(DEMO_CLIP)
+        return
+    from tools.make_demo_clip import bench_clip
+
+    args.clip = str(bench_clip(Path(args.cache_dir)))
 
 
 def speech_spans(clip: str | None) -> tuple[list[tuple[float, float]], float]:
@@ -258,9 +290,9 @@ def speech_spans(clip: str | None) -> tuple[list[tuple[float, float]], float]:
     return [(x["start"] / SAMPLE_RATE, x["end"] / SAMPLE_RATE) for x in spans], len(audio) / SAMPLE_RATE
 
 
-def asr_accuracy(commits, t0: float, clip: str | None, script: str) -> tuple[float, list[float]] | None:
+def asr_accuracy(commits, t0: float, clip: str | None, script: str) -> tuple[float, list[float], str] | None:
     """(WER of the words committed for the clip's first pass against its script, seconds from each utterance's
-    speech start to its first committed word)."""
+    speech start to its first committed word, the words heard)."""
     from realtime.asr import word_error_rate
 
     spans, length = speech_spans(clip)
@@ -273,7 +305,7 @@ def asr_accuracy(commits, t0: float, clip: str | None, script: str) -> tuple[flo
         words = [c for c in first_pass if start - 0.3 <= c.t_word_end - t0 <= end + 0.3]
         if words:
             firsts.append(round(words[0].t_commit - (t0 + start), 3))
-    return word_error_rate(script, heard), firsts
+    return word_error_rate(script, heard), firsts, heard
 
 
 def _cuda() -> bool:
@@ -368,6 +400,7 @@ def run(args) -> int:
         raise UsageError("--duration must be positive")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    resolve_clip(args)
     bar = tqdm(total=duration * len(backends), unit="s", desc="bench", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")
     done = {"s": 0.0}
 
@@ -385,7 +418,8 @@ def run(args) -> int:
     bar.close()
     text = format_report(reports)
     print(text)
-    meta = {"size": args.size, "checkpoint": args.checkpoint, "clip": args.clip or "realtime/assets/demo.mp4",
+    meta = {"size": args.size, "precision": args.precision, "incremental_audio": args.incremental_audio,
+            "asr_nice": args.asr_nice, "checkpoint": args.checkpoint, "clip": args.clip or "realtime/assets/demo.mp4",
             "hop_s": args.hop, "duration_s": duration, "machine": platform.machine(), "cpus": os.cpu_count(),
             "python": platform.python_version()}
     report_path = out / "report.json"

@@ -91,5 +91,43 @@ def main(out: str | Path | None = None) -> Path:
     return path
 
 
+# `mcihn bench`'s script: nine everyday sentences (56 words) that Whisper tiny.en hears right whole when espeak-ng
+# says them (checked one by one; "The train leaves at seven tonight" and "Can you help me carry these boxes?"
+# were not), so its word error rate measures the streaming, not espeak's accent.
+BENCH_SCRIPT = (
+    "The sun is shining this morning.", "Please open the window for me.", "We will meet again next week.",
+    "My brother bought a new car.", "This coffee is much too cold.", "I am so happy to see you again.",
+    "I cannot believe you lied to me.", "Thank you for the lovely dinner.", "The meeting was moved to Friday.",
+)
+BENCH_FORMAT = 1  # in the cached file's name: raise it when the clip changes
+
+
+def bench_clip(folder: str | Path) -> Path:
+    """The clip `mcihn bench` replays (built once into `folder`, ~45 s): BENCH_SCRIPT spoken by espeak-ng with
+    PAUSE_S between sentences, over the demo clip's two faces (one per sentence, in turn)."""
+    from engines.media import write_clip
+    from realtime.demo import DEMO_CLIP
+    from realtime.file_source import media_items
+
+    path = Path(folder).expanduser() / f"bench-v{BENCH_FORMAT}.mp4"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    faces = [d for _, kind, d in media_items(DEMO_CLIP) if kind == "video"]
+    faces = faces[: len(faces) - int(BLANK_S * FPS)]  # the demo's talking part, without its empty end
+    audio, video, rate = [], [], 22050
+    for i, sentence in enumerate(BENCH_SCRIPT):
+        said, rate = speech(sentence)
+        said = np.concatenate([said, np.zeros(int(PAUSE_S * rate), np.float32)])
+        audio.append(said)
+        n = int(round(len(said) / rate * FPS))
+        start = 0 if i % 2 == 0 else len(faces) // 2  # the demo's first face, then its second
+        video += [faces[(start + j) % len(faces)] for j in range(n)]
+    partial = path.with_name(f"{path.stem}.partial.mp4")
+    write_clip(partial, video, FPS, audio=np.concatenate(audio), sample_rate=rate, codec="libx264",
+               bit_rate=150_000)
+    return partial.replace(path)
+
+
 if __name__ == "__main__":
     main()
