@@ -1,0 +1,163 @@
+"""The CPU headroom of the live path (issue 12): incremental Wav2Vec2 conv features, int8 extractors, and the
+vision analysis driven by the tick. Real tiny stand-in models, saved and loaded like real ones."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engines.audio import SAMPLE_RATE, AudioExtractor, StreamingConvFeatures
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+@pytest.fixture(scope="module")
+def audio(standin_models):
+    return AudioExtractor(str(standin_models["audio"]))
+
+
+def _stream(seconds: float, seed: int = 0, loudness=None) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SAMPLE_RATE)
+    gain = np.full(n, 0.1, np.float32) if loudness is None else loudness(np.arange(n) / SAMPLE_RATE)
+    return (rng.standard_normal(n) * gain).astype(np.float32)
+
+
+def _exact(audio: AudioExtractor, x: np.ndarray, end: int, frames: int) -> np.ndarray:
+    """The exact model on the grid-aligned window the incremental path uses (its last `frames` frames)."""
+    f_last = (end - audio.receptive_field) // audio.hop
+    start = (f_last - frames + 1) * audio.hop
+    ref = audio.extract(x[start: f_last * audio.hop + audio.receptive_field], SAMPLE_RATE)
+    assert ref.length == frames
+    return ref.values[:frames]
+
+
+def test_incremental_features_start_exact_and_compute_only_new_frames(audio):
+    assert audio.can_stream  # wav2vec2-base's kind: GroupNorm first layer, no conv bias
+    x = _stream(8.0)
+    window, hop = int(2.56 * SAMPLE_RATE), SAMPLE_RATE // 4
+    out = np.zeros((audio.seq_len, audio.dim), np.float32)
+    first = audio.extract_stream(x[:window], window, out)
+    assert first.length == 127 and not out[127:].any()  # as `extract` packs 2.56 s: 127 frames, zero rows after
+    np.testing.assert_allclose(out[:127], _exact(audio, x, window, 127), atol=1e-4)
+    streaming = audio._streaming
+    computed = streaming.computed
+    for end in range(window + hop, len(x), hop):
+        got = audio.extract_stream(x[end - window: end], end, out)
+        cos = _cosines(out[: got.length], _exact(audio, x, end, got.length))
+        assert cos.min() > 0.995, cos.min()  # steady loudness: the window's statistics hardly move
+    calls = len(range(window + hop, len(x), hop))
+    assert streaming.computed - computed <= calls * 14  # ~12.5 new frames a call, not 127
+
+
+def test_incremental_features_recompute_frames_whose_statistics_drifted(audio):
+    """Speech starting after near-silence changes the window's statistics: frames normalised with the old ones are
+    recomputed, a bounded block a call, so the window comes back close to the exact features."""
+    x = _stream(10.0, loudness=lambda t: np.where(t < 4.0, 0.005, 0.3).astype(np.float32))
+    window, hop = int(2.56 * SAMPLE_RATE), SAMPLE_RATE // 4
+    fresh = StreamingConvFeatures(audio.model, audio.seq_len, audio.do_normalize, refresh_frames=0)
+    refreshing = StreamingConvFeatures(audio.model, audio.seq_len, audio.do_normalize, refresh_frames=16)
+    a, b = (np.zeros((audio.seq_len, audio.dim), np.float32) for _ in range(2))
+    worst = {"stale": 1.0, "refreshed": 1.0}
+    for end in range(window, len(x), hop):
+        n = fresh(x[end - window: end], end, a)
+        refreshing(x[end - window: end], end, b)
+        exact = _exact(audio, x, end, n)
+        if end / SAMPLE_RATE > 4.0 + 2.56:  # the onset has left the window: only the stale statistics differ
+            worst["stale"] = min(worst["stale"], float(_cosines(a[:n], exact).mean()))
+            worst["refreshed"] = min(worst["refreshed"], float(_cosines(b[:n], exact).mean()))
+    # Frames whose statistics moved less than the threshold (0.2) keep them, so the refreshed window is close, not
+    # exact; without refreshing, the frames computed during the onset keep its statistics until they leave.
+    assert worst["refreshed"] > 0.98, worst
+    assert worst["stale"] < worst["refreshed"] - 0.02, worst
+
+
+def test_incremental_features_start_over_after_a_gap(audio):
+    x = _stream(12.0)
+    window = int(2.56 * SAMPLE_RATE)
+    out = np.zeros((audio.seq_len, audio.dim), np.float32)
+    audio.extract_stream(x[:window], window, out)
+    end = window + 5 * SAMPLE_RATE  # no call for 5 s (silence skips the audio stage): nothing is reusable
+    got = audio.extract_stream(x[end - window: end], end, out)
+    np.testing.assert_allclose(out[: got.length], _exact(audio, x, end, got.length), atol=1e-4)
+
+
+def test_int8_runs_the_extractors_close_to_fp32_and_is_refused_off_onnxruntime(standin_models, tmp_path):
+    from engines.backends import BackendChoiceError, create_backend
+    from engines.vision import VisionExtractor
+
+    vision = VisionExtractor(str(standin_models["vision"]), face_crop=False)
+    model = vision.engine_model()
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    fp32 = create_backend(model, "onnxruntime", "cpu", "fp32", cache_dir=tmp_path, threads=1)
+    int8 = create_backend(model, "onnxruntime", "cpu", "int8", cache_dir=tmp_path, threads=1)
+    assert int8.onnx_path.name.endswith(".int8.onnx") and int8.onnx_path.is_file()
+    assert "MatMulInteger" in int8.onnx_path.read_bytes().decode("latin-1")  # the matrix products are int8
+    a = fp32.run({"pixel_values": pixels})["image_embeds"]
+    b = int8.run({"pixel_values": pixels})["image_embeds"]
+    assert not np.array_equal(a, b) and _cosines(a, b).min() > 0.98
+    with pytest.raises(BackendChoiceError, match="int8"):
+        create_backend(model, "torch", "cpu", "int8", cache_dir=tmp_path)
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    @staticmethod
+    def span(seconds: float) -> float:
+        return seconds
+
+
+class _SlowAnalyser:
+    """Records the frames it is given (their first pixel carries the frame's number) and takes `seconds`."""
+
+    def __init__(self, seconds: float):
+        from engines.vision import FrameEmbeddings
+
+        self.seconds, self.seen, self._result = seconds, [], FrameEmbeddings
+        self.threads: set[str] = set()
+
+    def embed_frames(self, frames):
+        self.seen.append(int(frames[0][0, 0, 0]))
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.seconds)
+        return self._result(np.ones((1, 4), np.float32), [None], np.array([True]))
+
+
+def test_the_tick_has_the_newest_frame_analysed_beside_it():
+    from realtime.buffers import LatestFrame
+    from realtime.vision_worker import VisionWorker
+    from realtime.windows import VisionWindow
+
+    clock, frames, stop = _Clock(), LatestFrame(), threading.Event()
+    analyser = _SlowAnalyser(0.05)
+    worker = VisionWorker(analyser, VisionWindow(10, 4, 2.56), clock, report=lambda message: None)
+    assert worker.begin() is None  # not started: the replay loop offers frames itself
+    worker.start(frames, stop)
+    try:
+        for i in range(1, 4):
+            frames.put(np.full((8, 8, 3), i, np.uint8), float(i))
+        pending = worker.begin()  # the tick starts: the newest frame (3) goes to the vision thread
+        assert worker.begin() is pending  # one analysis at a time: a second tick joins the same one
+        worker.wait(pending, timeout=1.0)
+        assert analyser.seen == [3] and analyser.threads == {"mcihn-vision_0"}
+        assert worker.window.snapshot(3.0)[1].t_capture == 3.0
+        frames.put(np.full((8, 8, 3), 4, np.uint8), 4.0)
+        assert worker.begin() is None  # 0.9 of the vision interval has not passed on the clock yet
+        clock.t = 0.9 * worker.interval
+        worker.wait(worker.begin(), timeout=1.0)
+        assert analyser.seen == [3, 4]
+        clock.t = 2 * worker.interval
+        assert worker.begin() is None  # no frame newer than the last analysed
+    finally:
+        stop.set()
+        worker.join(1.0)
