@@ -97,6 +97,10 @@ def test_words_committed_in_order_once_and_right(run):
     assert word_error_rate(" ".join(SCRIPT), text) <= word_error_rate(" ".join(SCRIPT), whole) + 0.05, (text, whole)
     events = worker.commit_events()
     assert [e.t_word_end for e in events] == sorted(e.t_word_end for e in events)  # in order, each once
+    # Each pause commits its sentence and trims the buffer: across those trims no word is lost or committed twice
+    # (a misheard word is a substitution, not a change in the count).
+    assert len(text.split()) == len(" ".join(SCRIPT).split()), text
+    assert worker.pauses == len(SCRIPT) and len(events) == len(text.split())
 
 
 def test_commit_lag_and_first_word(run):
