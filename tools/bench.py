@@ -98,6 +98,10 @@ class RunReport:
     # utterance the time from its speech starting to its first committed word.
     asr_wer: float | None = None
     asr_heard: str = ""  # the words committed for the clip's first pass (what the WER is of)
+    # RSS at the end of the run, and after glibc's malloc_trim(0) handed its free memory back to the system: what
+    # the difference is, is allocator retention (fragmentation, per-thread arenas), not live objects.
+    rss_end_mb: float | None = None
+    rss_after_trim_mb: float | None = None
     first_word_s: list[float] = field(default_factory=list)
 
 
@@ -148,6 +152,19 @@ def rss_mb() -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return peak_rss()
+
+
+def release_free_memory() -> bool:
+    """glibc's malloc_trim(0): free memory in every malloc arena goes back to the system. False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl)
+        return False
+    return True
 
 
 def peak_rss() -> float:
@@ -225,6 +242,7 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
             if rec.ticker.error is not None:
                 raise rec.ticker.error
         cpu_s, wall = time.process_time() - cpu0, time.monotonic() - t0
+        trim = rss_mb(), release_free_memory(), rss_mb()  # how much of the RSS is free memory malloc kept
     finally:
         rec.stop()
         rec.join(60)  # let a running ASR pass end: the next backend's run must not share the CPU with it
@@ -238,6 +256,8 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
 
         gpu = torch.cuda.max_memory_allocated() / 2**20
     report = summarize(events, wall, args.hop, lags, backend, cpu_s, peak_rss(), gpu, rss_samples, heap_samples)
+    if trim[1]:
+        report.rss_end_mb, report.rss_after_trim_mb = round(trim[0], 1), round(trim[2], 1)
     if accuracy is not None:
         report.asr_wer, report.first_word_s, report.asr_heard = accuracy
     return report
@@ -343,6 +363,9 @@ def format_report(reports: list[RunReport]) -> str:
                                      f"{np.median(r.first_word_s):.2f}/{max(r.first_word_s):.2f}" for r in reports])
     row("CPU % (2 cores = 200)", [f"{r.cpu_percent:.0f}" for r in reports])
     row("peak RSS MB", [f"{r.peak_rss_mb:.0f}" for r in reports])
+    if any(r.rss_after_trim_mb is not None for r in reports):
+        row("RSS at end / after malloc_trim MB", ["-" if r.rss_after_trim_mb is None else
+                                                  f"{r.rss_end_mb:.0f} / {r.rss_after_trim_mb:.0f}" for r in reports])
     if any(r.gpu_peak_mb is not None for r in reports):
         row("GPU peak MB", ["-" if r.gpu_peak_mb is None else f"{r.gpu_peak_mb:.0f}" for r in reports])
     if any(r.duration_s >= 120 for r in reports):
