@@ -123,6 +123,21 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     return row[-1] / max(len(ref), 1)
 
 
+def with_punctuation_attached(words: Iterable[Word]) -> list[Word]:
+    """Words as Whisper gave them, with a "word" of punctuation alone joined to the word before it (Chinese full
+    stops come as their own token: "界" + "。" -> "界。", which ends a sentence) unless that word already ends in
+    punctuation, or dropped when nothing comes before it. Whisper's ". . . ." loop on a short buffer thus adds
+    nothing: kept as words, the dots were committed, then prompted, and the loop went on through every later pass."""
+    out: list[Word] = []
+    for word in words:
+        text = word.text
+        if normalize(text):
+            out.append(word)
+        elif text.strip() and out and not unicodedata.category(out[-1].text.rstrip()[-1:] or "L").startswith("P"):
+            out[-1] = Word(out[-1].start, max(out[-1].end, word.end), out[-1].text.rstrip() + text.strip())
+    return out
+
+
 def join_words(words: Iterable[Word]) -> str:
     return "".join(w.text for w in words).strip()
 
@@ -474,9 +489,7 @@ class StreamingTranscriber:
         # A byte sequence that is not UTF-8 (a multi-byte character cut between tokens, or a model that is
         # not trained) decodes to U+FFFD: never show or fuse that.
         words = ((w, w.word.replace("\ufffd", "")) for s in segments for w in (s.words or ()))
-        # A "word" of punctuation alone (". . . ." is Whisper's favourite loop on a short buffer) is no word: kept,
-        # it would be committed, then prompted, and the loop would go on through every later pass.
-        hypothesis = [Word(w.start, w.end, text) for w, text in words if normalize(text)]
+        hypothesis = with_punctuation_attached(Word(w.start, w.end, text) for w, text in words)
         pass_ms = (time.perf_counter() - t) * 1e3
         self.passes += 1
         new = self.agreement.insert(hypothesis, offset=self.buffer_t0 or 0.0)

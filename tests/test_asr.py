@@ -340,12 +340,12 @@ def test_last_utterance_is_one_sentence_never_two_emotions():
 
 
 def test_punctuation_alone_is_no_word_and_passes_have_a_token_budget():
-    """Whisper's ". . . ." loop: a "word" of punctuation alone is never committed (nor then prompted)."""
+    """Whisper's ". . . ." loop: punctuation alone joins the word before it once, and is never a word itself."""
     script = [Word(0.3, 0.6, " Hello"), Word(0.7, 0.8, " ."), Word(0.9, 1.0, " ."), Word(1.1, 1.4, " world.")]
     model = ScriptedWhisper(script)
     tr = StreamingTranscriber(AsrOptions(model="scripted"), model=model)
     for _ in stream(tr, 3.0):
         pass
     tr.finish()
-    assert [w.text for w in tr.committed] == [" Hello", " world."]
+    assert [w.text for w in tr.committed] == [" Hello.", " world."]
     assert all(c["max_new_tokens"] == int(8 * c["audio_s"]) + 16 for c in model.calls)
