@@ -76,6 +76,7 @@ class LiveConfig:
     queue_size: int = 256
     text_horizon_s: float | None = None  # committed words older than this are not fused; None: the checkpoint's
     limit_process_threads: bool = False  # set torch's and OpenCV's process-wide thread counts (see above)
+    trim_memory_s: float = 60.0  # hand malloc's free memory back every this many seconds (realtime/memory.py); 0: never
 
     def __post_init__(self) -> None:
         if self.standins not in (None, "tiny", "base"):

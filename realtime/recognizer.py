@@ -69,6 +69,7 @@ class Recognizer:
         self.vision_window: VisionWindow | None = None
         self.text_window: TextWindow | None = None
         self.vision: VisionWorker | None = None
+        self.memory = None  # realtime.memory.MemoryTrimmer while running
         self.asr = None
         self.tick: Tick | None = None
         self.ticker: Ticker | None = None
@@ -151,6 +152,10 @@ class Recognizer:
             self.stop()
             raise
         self.started = True
+        if cfg.trim_memory_s > 0:
+            from realtime.memory import MemoryTrimmer
+
+            self.memory = MemoryTrimmer(cfg.trim_memory_s).start()
         if self._replay is not None:
             self._replay.start()
         else:
@@ -253,6 +258,8 @@ class Recognizer:
             self.vision.join(left() / 4)
         if self.recorder is not None:
             self.recorder.stop(left() / 3)
+        if self.memory is not None:
+            self.memory.stop(left() / 4)
         self._emitter.close(left())
 
     @staticmethod

@@ -161,3 +161,20 @@ def test_the_tick_has_the_newest_frame_analysed_beside_it():
     finally:
         stop.set()
         worker.join(1.0)
+
+
+def test_memory_trimmer_hands_free_memory_back_until_stopped():
+    import sys
+
+    from realtime.memory import MemoryTrimmer, release_free_memory
+
+    assert release_free_memory() == sys.platform.startswith("linux")  # glibc here
+    trimmer = MemoryTrimmer(0.02).start()
+    deadline = time.monotonic() + 5.0
+    while trimmer.trims < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    trimmer.stop()
+    assert trimmer.trims >= 3 and trimmer.last_ms is not None
+    assert not trimmer._thread.is_alive()
+    with pytest.raises(ValueError):
+        MemoryTrimmer(0)

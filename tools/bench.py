@@ -154,19 +154,6 @@ def rss_mb() -> float:
         return peak_rss()
 
 
-def release_free_memory() -> bool:
-    """glibc's malloc_trim(0): free memory in every malloc arena goes back to the system. False elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl)
-        return False
-    return True
-
-
 def peak_rss() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
@@ -242,6 +229,8 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
             if rec.ticker.error is not None:
                 raise rec.ticker.error
         cpu_s, wall = time.process_time() - cpu0, time.monotonic() - t0
+        from realtime.memory import release_free_memory
+
         trim = rss_mb(), release_free_memory(), rss_mb()  # how much of the RSS is free memory malloc kept
     finally:
         rec.stop()
@@ -316,6 +305,8 @@ def asr_accuracy(commits, t0: float, clip: str | None, script: str) -> tuple[flo
     from realtime.asr import word_error_rate
 
     spans, length = speech_spans(clip)
+    if not commits or (spans and commits[0].t_word_end - t0 > spans[0][1]):
+        return None  # the worker keeps a bounded history: a long run no longer holds its first pass's words
     first_pass = [c for c in commits if c.t_word_end - t0 <= length]
     if not first_pass:
         return None

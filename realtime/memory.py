@@ -1,0 +1,62 @@
+"""Free heap memory handed back to the system during long sessions (glibc's malloc_trim).
+
+glibc's malloc keeps memory that a thread freed in that thread's arena, for reuse, and gives it back to the
+system only from the top of the main heap. In a session whose threads allocate blocks of changing sizes (Whisper
+buffers and encoder inputs of 10-20 s, decoder outputs, text tokens), the resident size then rises in steps to new
+high-water marks and never comes down. Measured (docs/benchmarks.md, "Soak"): a 30-minute soak's RSS floor rose
++15 MB in its first 5 minutes and +27 MB in one step at 751 s. At the end of a 10-minute soak, malloc_trim(0)
+returned 136 MB, more than all the growth since the first minute: free memory malloc kept, not live objects.
+
+So a session calls malloc_trim(0) every `interval_s` (60 s by default, `LiveConfig.trim_memory_s`) from a thread
+of its own. It runs at normal priority: it takes each arena's lock while trimming it, and a low-priority thread
+preempted while holding one would stall the tick's allocations behind it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+import time
+
+
+def release_free_memory() -> bool:
+    """glibc's malloc_trim(0): the free memory of every malloc arena goes back to the system. False where there is
+    no glibc (macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+class MemoryTrimmer:
+    """Calls `release_free_memory` every `interval_s` until stopped; `trims` and `last_ms` say what it did."""
+
+    def __init__(self, interval_s: float = 60.0):
+        if interval_s <= 0:
+            raise ValueError(f"the trim interval must be positive, got {interval_s} s")
+        self.interval_s = interval_s
+        self.trims = 0
+        self.last_ms: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mcihn-memory", daemon=True)
+
+    def start(self) -> MemoryTrimmer:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 1.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            start = time.perf_counter()
+            if not release_free_memory():
+                return  # no glibc: nothing to do, ever
+            self.last_ms = (time.perf_counter() - start) * 1e3
+            self.trims += 1
