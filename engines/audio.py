@@ -137,7 +137,6 @@ class StreamingConvFeatures:
         self._s_updates = 1000  # updates since they were last summed whole (1000: sum whole on the next call)
         self._sum, self._sumsq = np.zeros(channels, np.float64), np.zeros(channels, np.float64)
         self.computed = 0  # frames put through the encoder so far (tests, benchmarks)
-        self.refreshed = 0  # whole windows computed
 
     @staticmethod
     def supports(model: nn.Module, layer: str) -> bool:
@@ -169,7 +168,6 @@ class StreamingConvFeatures:
         log_std = -np.log(inv_std).astype(np.float32)
         if not (self._f_lo <= f_first <= self._f_hi):  # nothing reusable: the whole window, exact
             self._f_lo = self._f_hi = f_first
-            self.refreshed += 1
         new_from = max(self._f_hi, f_first)
         if new_from <= f_last:
             self._put_feats(new_from, self._encode(new_from, f_last + 1, mean, inv_std), log_std)

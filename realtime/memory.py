@@ -15,20 +15,30 @@ preempted while holding one would stall the tick's allocations behind it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 import threading
 import time
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, loaded once; None where there is no glibc (macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def release_free_memory() -> bool:
     """glibc's malloc_trim(0): the free memory of every malloc arena goes back to the system. False where there is
-    no glibc (macOS, Windows, musl)."""
-    if not sys.platform.startswith("linux"):
+    no glibc."""
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        return False
+    trim(0)
     return True
 
 
