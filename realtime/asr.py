@@ -58,6 +58,9 @@ class AsrOptions:
     compute_type: str = "auto"  # "auto": float16 on CUDA, int8 on CPU; or any CTranslate2 compute type
     beam_size: int = 1  # greedy: beam search costs latency, and LocalAgreement already filters unstable words
     min_chunk_s: float = 0.4  # new audio needed before another pass while someone speaks
+    # ... and before the pass that can commit an utterance's first word (LocalAgreement needs two passes, so the
+    # second follows the first as soon as it has this much more): the first word is the latency a user notices.
+    first_word_chunk_s: float = 0.3
     # Passes only where words can change (AsrWorker.step): while speech continues (every min_chunk_s), and once at
     # each pause (pause_s of silence after speech), whose words are then committed as they stand; none over silence.
     vad_passes: bool = True
@@ -77,8 +80,9 @@ class AsrOptions:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"ASR device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.min_chunk_s <= 0 or self.pause_s <= 0:
-            raise ValueError(f"min_chunk_s and pause_s must be positive, got {self.min_chunk_s}, {self.pause_s}")
+        if min(self.min_chunk_s, self.first_word_chunk_s, self.pause_s) <= 0:
+            raise ValueError(f"min_chunk_s, first_word_chunk_s and pause_s must be positive, got {self.min_chunk_s}, "
+                             f"{self.first_word_chunk_s}, {self.pause_s}")
         if not self.min_chunk_s < self.max_buffer_s <= WINDOW_S:
             raise ValueError(f"max_buffer_s must be above min_chunk_s and at most {WINDOW_S:g} s (one Whisper "
                              f"window), got {self.max_buffer_s}")
@@ -549,10 +553,11 @@ class CommitEvent:
     lag_s: float
 
 
-def ring_reader(ring: Any) -> Callable[[float], tuple[np.ndarray, float | None]]:
+def ring_reader(ring: Any, index: int | None = None) -> Callable[[float], tuple[np.ndarray, float | None]]:
     """An `AsrWorker` audio source over a realtime.buffers.AudioRing that reads each sample exactly once (by
-    sample index, not by time, whose callback jitter would duplicate or skip samples); `since` is ignored."""
-    index = ring.written
+    sample index, not by time, whose callback jitter would duplicate or skip samples); `since` is ignored.
+    Reading starts at absolute sample `index` (0: the oldest still held), or at the newest when None."""
+    index = ring.written if index is None else index
 
     def get_audio(since: float) -> tuple[np.ndarray, float | None]:
         nonlocal index
@@ -673,23 +678,31 @@ class AsrWorker:
             self._new_s = 0.0
             self._publish(self.transcriber.process())
             return True
-        if self._unchecked_s < self.VAD_STEP_S:
-            return False
-        new_speech, silence_s = self._listen()
-        self._speech_pending = self._speech_pending or new_speech
-        if self._speech_pending and silence_s >= o.pause_s:  # a pause: transcribe, then commit what was heard
-            self._speech_pending, self._new_s = False, 0.0
-            self._publish(self.transcriber.process())
-            self._publish(self.transcriber.finish())
-            self.pauses += 1
-            return True
-        if self._speech_pending and self._new_s >= o.min_chunk_s:
+        if self._unchecked_s >= self.VAD_STEP_S:  # is someone speaking, or did a pause begin?
+            new_speech, silence_s = self._listen()
+            if new_speech and not self._speech_pending:
+                self._utterance_passes = 0
+            self._speech_pending = self._speech_pending or new_speech
+            if self._speech_pending and silence_s >= o.pause_s:  # a pause: transcribe, then commit what was heard
+                self._speech_pending, self._new_s = False, 0.0
+                self.pauses += 1
+                if self._heard_all():  # the last pass read past the speech and committed it all: nothing new
+                    return False
+                self._publish(self.transcriber.process())
+                self._publish(self.transcriber.finish())
+                return True
+            if not self._speech_pending:
+                self.transcriber.keep_last(self.PREROLL_S)
+                self._new_s = 0.0
+                return False
+        # While speech goes on, a pass as soon as enough new audio is in (not only on the VAD's steps: a pass that
+        # took 0.3 s would otherwise wait up to another step for the next).
+        chunk = o.first_word_chunk_s if self._utterance_passes == 1 else o.min_chunk_s
+        if self._speech_pending and self._new_s >= chunk:
             self._new_s = 0.0
+            self._utterance_passes += 1
             self._publish(self.transcriber.process())
             return True
-        if not self._speech_pending:
-            self.transcriber.keep_last(self.PREROLL_S)
-            self._new_s = 0.0
         return False
 
     VAD_STEP_S = 0.2  # how much new audio the VAD looks at each time
@@ -697,7 +710,15 @@ class AsrWorker:
     _new_s = 0.0  # seconds of audio inserted since the last pass
     _unchecked_s = 0.0  # seconds of audio the VAD has not looked at
     _speech_pending = False  # speech heard since the last pause's commit
+    _utterance_passes = 0  # passes since the utterance began
+    _speech_end_t = -math.inf  # absolute time where the VAD last heard speech end
+    _pass_end_t = -math.inf  # absolute time of the end of the audio the last pass read
     pauses = 0
+
+    def _heard_all(self) -> bool:
+        """At a pause: did the last pass read past the end of the speech and leave no word uncommitted? Then a
+        pause pass would only read the silence after committed words, where Whisper invents ("Thank you.")."""
+        return not self.transcriber.tail and self._pass_end_t >= self._speech_end_t
 
     def _listen(self) -> tuple[bool, float]:
         """(speech in the audio not yet checked, seconds of silence at the end of the buffer)."""
@@ -710,6 +731,7 @@ class AsrWorker:
         if not speech:
             return False, seconds
         end = speech[-1]["end"] / SAMPLE_RATE
+        self._speech_end_t = self.transcriber.buffer_t_end - (seconds - end)
         return end > seconds - unchecked, seconds - end
 
     def _run(self) -> None:
@@ -725,6 +747,8 @@ class AsrWorker:
                 self._on_error(err)
 
     def _publish(self, update: AsrUpdate) -> None:
+        if update.pass_ms:
+            self._pass_end_t = self.transcriber.buffer_t_end
         with self._lock:
             self._tail = update.tail
             if update.pass_ms:

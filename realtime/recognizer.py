@@ -210,7 +210,9 @@ class Recognizer:
             from realtime.asr import AsrWorker, StreamingTranscriber, ring_reader
 
             transcriber = StreamingTranscriber(stack.asr_options, clock=self.clock.now)
-            self.asr = AsrWorker(transcriber, ring_reader(self.ring), on_error=self._faults.asr_failed,
+            # From the session's first sample: the sources started before this worker, and a clip's first word
+            # must not be cut.
+            self.asr = AsrWorker(transcriber, ring_reader(self.ring, 0), on_error=self._faults.asr_failed,
                                  on_update=self._words_committed)
         self.tick = Tick(stack, cfg, self._buffers, self.clock, self.ring, self.frames, self.vision,
                          self.text_window, self.asr, self._faults, self._emitter.emit,

@@ -300,11 +300,14 @@ def test_ring_reader_reads_each_sample_once():
 
     ring = AudioRing(capacity_s=2.0)
     ring.write(np.ones(100, np.float32), t_end=10.0)  # before the reader: not read
-    read = ring_reader(ring)
+    read, from_first = ring_reader(ring), ring_reader(ring, 0)  # the session's worker reads from the first sample
     ring.write(np.arange(8000, dtype=np.float32), t_end=10.5)
     samples, t_end = read(0.0)
     assert len(samples) == 8000 and samples[-1] == 7999 and t_end == 10.5
     assert len(read(t_end)[0]) == 0
+    assert len(from_first(0.0)[0]) == 8100
+    ring.write(np.zeros(40000, np.float32), t_end=13.0)  # more than the ring holds: from the oldest still held
+    assert len(from_first(0.0)[0]) == 32000
 
 
 def test_worker_reports_errors_instead_of_dying_silently():

@@ -3,6 +3,7 @@ on espeak-ng sentences with pauses, stepped by media time (so the figures do not
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import wave
@@ -41,9 +42,14 @@ def speech(text: str, folder) -> np.ndarray:
         return resample_poly(x, SAMPLE_RATE, w.getframerate()).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """The script spoken with pauses, fed in 0.1 s blocks; returns the worker, speech spans and passes over time."""
+@pytest.fixture(scope="module", params=[0.0, 0.35], ids=["instant-passes", "passes-take-0.35s"])
+def run(request, tmp_path_factory):
+    """The script spoken with pauses, fed as media time advances by 0.1 s; each pass takes `param` seconds of that
+    time (0.35 s: a pass on a loaded CPU, while the audio goes on arriving). Returns the worker, the speech spans,
+    (media time, passes so far) after each step, the start time of every pass, and the published model's text."""
+    from types import SimpleNamespace
+
+    pass_s = request.param
     folder = tmp_path_factory.mktemp("script")
     parts, spans, t = [np.zeros(int(LEAD_S * SAMPLE_RATE), np.float32)], [], LEAD_S
     for sentence in SCRIPT:
@@ -53,27 +59,31 @@ def run(tmp_path_factory):
         t = spans[-1][1] + PAUSE_S
     parts.append(np.zeros(int(TAIL_S * SAMPLE_RATE), np.float32))
     audio = np.concatenate(parts)
-    now = [0.0]
-    block = SAMPLE_RATE // 10
-    state = {"i": 0}
+    now, read, starts = [0.0], [0], []
 
     def get_audio(since):
-        i = state["i"]
-        if i >= len(audio):
-            return np.zeros(0, np.float32), None
-        state["i"] = i + block
-        now[0] = min(i + block, len(audio)) / SAMPLE_RATE
-        return audio[i : i + block], now[0]
+        j = min(int(round(now[0] * SAMPLE_RATE)), len(audio))
+        i, read[0] = read[0], j
+        return audio[i:j], (j / SAMPLE_RATE if j > i else None)
 
     transcriber = StreamingTranscriber(AsrOptions(model="tiny.en", threads=2), clock=lambda: now[0])
+    transcribe = transcriber.model.transcribe
+
+    def timed_transcribe(*args, **kwargs):  # the pass's words are stamped (clock()) after its time has passed
+        starts.append(now[0])
+        now[0] += pass_s
+        return transcribe(*args, **kwargs)
+
+    transcriber.model.transcribe = timed_transcribe
     worker = AsrWorker(transcriber, get_audio, since=0.0)
-    passes = []  # (media time, passes so far) after each step
-    while state["i"] < len(audio):
+    passes = []
+    while read[0] < len(audio):
+        now[0] += 0.1
         worker.step()
         passes.append((now[0], worker.passes))
     published = load_whisper(AsrOptions(model="tiny.en", threads=2, short_window=False))  # the 30 s window
     whole = "".join(seg.text for seg in published.transcribe(audio, language="en", vad_filter=True)[0])
-    return worker, spans, passes, whole
+    return SimpleNamespace(worker=worker, spans=spans, passes=passes, starts=starts, whole=whole, pass_s=pass_s)
 
 
 def passes_between(passes, start: float, end: float) -> int:
@@ -82,7 +92,7 @@ def passes_between(passes, start: float, end: float) -> int:
 
 
 def test_no_pass_over_silence(run):
-    worker, spans, passes, _ = run
+    worker, spans, passes = run.worker, run.spans, run.passes
     assert passes_between(passes, 0.0, LEAD_S) == 0
     last_end = spans[-1][1]
     assert passes_between(passes, last_end + 1.0, last_end + PAUSE_S + TAIL_S) == 0
@@ -91,7 +101,7 @@ def test_no_pass_over_silence(run):
 
 
 def test_words_committed_in_order_once_and_right(run):
-    worker, _, _, whole = run
+    worker, whole = run.worker, run.whole
     text = join_words(worker.transcriber.committed)
     assert word_error_rate(" ".join(SCRIPT), text) <= 0.10, text
     assert word_error_rate(" ".join(SCRIPT), text) <= word_error_rate(" ".join(SCRIPT), whole) + 0.05, (text, whole)
@@ -104,11 +114,32 @@ def test_words_committed_in_order_once_and_right(run):
 
 
 def test_commit_lag_and_first_word(run):
-    worker, spans, _, _ = run
+    worker, spans = run.worker, run.spans
     lags = [e.lag_s for e in worker.commit_events()]
     assert np.median(lags) <= 1.5 and np.percentile(lags, 95) <= 3.0, lags
     first = worker.commit_events()[0]
     assert first.t_commit - spans[0][0] <= 2.0
+
+
+def test_second_pass_of_an_utterance_follows_the_first_sooner(run):
+    """LocalAgreement commits a word when two passes agree, so the second pass of an utterance comes after
+    `first_word_chunk_s` of new audio (or as soon as the first ends, when it took longer); later ones every
+    `min_chunk_s`."""
+    o, step = run.worker.transcriber.options, 0.1
+    for start, end in run.spans:
+        inside = [t for t in run.starts if start <= t <= end + o.pause_s + 0.3]
+        gaps = np.diff(inside)
+        assert len(gaps) >= 3, inside
+        assert gaps[0] <= max(o.first_word_chunk_s, run.pass_s) + step + 1e-6, inside
+        assert gaps[1:].min() >= o.min_chunk_s - 1e-6, inside
+
+
+def test_no_pass_rereads_the_silence_after_committed_words(run):
+    """Once a pass has read past the end of an utterance and committed all of it, the pause needs no pass of its
+    own: it would read only silence after committed words, where Whisper invents ("Thank you.")."""
+    for (_, end), (next_start, _) in zip(run.spans, run.spans[1:] + [(math.inf, None)], strict=True):
+        after = [t for t in run.starts if end + 0.1 < t < next_start]
+        assert len(after) <= 1, (end, after)
 
 
 def test_word_error_rate():
