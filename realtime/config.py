@@ -77,6 +77,9 @@ class LiveConfig:
     text_horizon_s: float | None = None  # committed words older than this are not fused; None: the checkpoint's
     limit_process_threads: bool = False  # set torch's and OpenCV's process-wide thread counts (see above)
     trim_memory_s: float = 60.0  # hand malloc's free memory back every this many seconds (realtime/memory.py); 0: never
+    # At most this many glibc malloc arenas in the process, set at start() before any model thread exists
+    # (realtime/memory.py limit_malloc_arenas; process-wide). 0: glibc's default, 8 per core.
+    malloc_arenas: int = 2
 
     def __post_init__(self) -> None:
         if self.standins not in (None, "tiny", "base"):
@@ -91,5 +94,7 @@ class LiveConfig:
             raise ConfigError("speed 0 (as fast as possible) is for a file source: pass --source FILE")
         if self.hop_s <= 0 or self.window_s <= 0:
             raise ConfigError(f"hop and window must be positive (got hop {self.hop_s} s, window {self.window_s} s)")
+        if self.malloc_arenas < 0:
+            raise ConfigError(f"malloc_arenas must be 0 (glibc's default) or more (got {self.malloc_arenas})")
         if self.text_horizon_s is not None and self.text_horizon_s <= 0:
             raise ConfigError(f"the text horizon must be positive seconds (got {self.text_horizon_s})")

@@ -20,14 +20,16 @@ import sys
 import threading
 import time
 
+M_ARENA_MAX = -8  # mallopt's parameter number for the arena limit (glibc's malloc.h)
+
 
 @functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, loaded once; None where there is no glibc (macOS, Windows, musl)."""
+def _glibc(name: str):
+    """A glibc malloc function, loaded once; None where there is no glibc (macOS, Windows, musl)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL("libc.so.6"), name)
     except (OSError, AttributeError):
         return None
 
@@ -35,11 +37,24 @@ def _malloc_trim():
 def release_free_memory() -> bool:
     """glibc's malloc_trim(0): the free memory of every malloc arena goes back to the system. False where there is
     no glibc."""
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is None:
         return False
     trim(0)
     return True
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """At most `arenas` malloc arenas in this process from now on (glibc's mallopt(M_ARENA_MAX)): threads that
+    allocate for the first time afterwards share the existing ones. False where there is no glibc.
+
+    glibc gives threads up to 8 arenas per core, each a heap of its own whose free memory stays with it; the
+    session's dozen threads (onnxruntime's pools, CTranslate2's, the workers) each then hold their own retained
+    memory. Process-wide: a host program that must keep glibc's default sets `LiveConfig.malloc_arenas=0`."""
+    mallopt = _glibc("mallopt")
+    if mallopt is None or arenas < 1:
+        return False
+    return bool(mallopt(M_ARENA_MAX, arenas))
 
 
 class MemoryTrimmer:

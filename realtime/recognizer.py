@@ -136,6 +136,10 @@ class Recognizer:
             from realtime.file_source import check_media
 
             check_media(cfg.source)  # an unreadable file is said before seconds of model loading
+        if cfg.malloc_arenas > 0:  # before the models' threads first allocate
+            from realtime.memory import limit_malloc_arenas
+
+            limit_malloc_arenas(cfg.malloc_arenas)
         self.stack = self._stack or load_stack(cfg)
         self._buffers = TickBuffers(self.stack, cfg.window_s)
         self.clock = WallClock()  # media time 0 now; a file source or the offline replay brings its own clock

@@ -178,3 +178,29 @@ def test_memory_trimmer_hands_free_memory_back_until_stopped():
     assert not trimmer._thread.is_alive()
     with pytest.raises(ValueError):
         MemoryTrimmer(0)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc arenas")
+@pytest.mark.parametrize("arenas", [0, 1])
+def test_malloc_arena_limit_makes_new_threads_share_arenas(arenas):
+    """In a fresh process (the setting is process-wide): four threads allocating at once get arenas of their own,
+    unless limit_malloc_arenas(1) came first. glibc's malloc_stats prints one "Arena N:" per arena."""
+    import subprocess
+    import sys
+
+    code = f"""
+import ctypes, threading
+from realtime.memory import limit_malloc_arenas
+assert limit_malloc_arenas({arenas}) == ({arenas} > 0)
+barrier = threading.Barrier(4)
+def work():
+    blocks = [bytearray(65536) for _ in range(4)]  # below the mmap threshold: from the thread's arena
+    barrier.wait()
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+ctypes.CDLL("libc.so.6").malloc_stats()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    count = out.stderr.count("Arena ")
+    assert count == 1 if arenas == 1 else count >= 3, out.stderr

@@ -161,6 +161,7 @@ def peak_rss() -> float:
 
 def add_parser(subparsers) -> None:
     from realtime.asr import AsrOptions
+    from realtime.config import LiveConfig
 
     p = subparsers.add_parser("bench", help="latency of the whole live pipeline on a replayed clip",
                               epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,6 +187,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: half the cores)")
     p.add_argument("--incremental-audio", action="store_true",
                    help="CPU: compute only the audio window's new frames each update (approximate; docs/live.md)")
+    p.add_argument("--malloc-arenas", type=int, default=LiveConfig.malloc_arenas,
+                   help=f"glibc malloc arenas for the process (default {LiveConfig.malloc_arenas}; 0: glibc's own, "
+                        "8 per core)")
     p.add_argument("--asr-model", default=None, help="faster-whisper model (default: Whisper tiny.en, real weights; "
                                                  "--size tiny: a tiny random stand-in)")
     p.add_argument("--no-asr", action="store_true")
@@ -206,6 +210,7 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
                         source=args.clip, loop=True, hop_s=args.hop, backend=backend, device=args.device,
                         precision=args.precision, incremental_audio=args.incremental_audio,
                         threads=args.threads, limit_process_threads=True,  # bench owns its process
+                        malloc_arenas=args.malloc_arenas,
                         use_asr=not args.no_asr, asr=asr, cache_dir=args.cache_dir)
     events: list[dict] = []
     rec = Recognizer(config)
@@ -287,7 +292,7 @@ def resolve_clip(args) -> None:
 
 def speech_spans(clip: str | None) -> tuple[list[tuple[float, float]], float]:
     """The utterances of a clip's audio ((start, end) seconds, Silero VAD, pauses of 1 s or more between them)
-    and the audio's length."""
+    and the audio's length. Unpadded (Silero pads by 0.4 s by default): a start is where speech is heard."""
     from faster_whisper.vad import VadOptions, get_speech_timestamps
 
     from realtime.buffers import SAMPLE_RATE
@@ -295,7 +300,7 @@ def speech_spans(clip: str | None) -> tuple[list[tuple[float, float]], float]:
     from realtime.file_source import media_items
 
     audio = np.concatenate([d for _, kind, d in media_items(clip or DEMO_CLIP) if kind == "audio"])
-    spans = get_speech_timestamps(audio, VadOptions(min_silence_duration_ms=1000))
+    spans = get_speech_timestamps(audio, VadOptions(min_silence_duration_ms=1000, speech_pad_ms=0))
     return [(x["start"] / SAMPLE_RATE, x["end"] / SAMPLE_RATE) for x in spans], len(audio) / SAMPLE_RATE
 
 
