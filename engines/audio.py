@@ -10,12 +10,11 @@ encoder makes one frame per 320 samples (20 ms) from a 400-sample receptive fiel
 from __future__ import annotations
 
 import json
-from math import gcd
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.signal import resample_poly
 from torch import nn
 
 from engines.extractor import EngineModel, Extractor, Features, pack_window
@@ -46,22 +45,105 @@ def to_mono_float32(samples: np.ndarray) -> np.ndarray:
 
 
 def to_16k_mono(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Any PCM block -> (S,) float32 mono at 16 kHz (see to_mono_float32 for formats).
+    """Any PCM block, whole (a clip's track) -> (S,) float32 mono at 16 kHz (see to_mono_float32 for formats).
 
-    Resampling is scipy's polyphase filter with the reduced up/down ratio (44.1 kHz: 160/441), the filter the
-    streaming resampler of the live sources reproduces block by block (realtime/buffers.py).
+    Resampled by `StreamResampler` run over the block and flushed: scipy's `resample_poly` of the whole block
+    (44.1 kHz: up 160, down 441), the very filter the live sources apply block by block, so a clip extracted
+    offline and the same clip replayed live hold the same 16 kHz samples.
     """
     rate = int(sample_rate)
     if rate != sample_rate or rate <= 0:
         raise ValueError(f"sample rate must be a positive whole number of Hz, got {sample_rate}")
     x = to_mono_float32(samples)
-    g = gcd(SAMPLE_RATE, rate)
-    up, down = SAMPLE_RATE // g, rate // g
-    if up == down:
+    resampler = StreamResampler(rate)
+    if resampler.passthrough:
         return x
     if len(x) == 0:
         return np.zeros(0, np.float32)
-    return resample_poly(x, up, down).astype(np.float32, copy=False)
+    head, _ = resampler.process(x)
+    return np.concatenate([head, resampler.flush()])
+
+
+class StreamResampler:
+    """Resample a block stream from `in_rate` to `out_rate` (16 kHz), carrying the filter state across blocks.
+
+    The same polyphase low-pass FIR as `scipy.signal.resample_poly` (Kaiser window, beta 5, 10 zero crossings per
+    side), evaluated only at the output instants, so the concatenated output equals `resample_poly` of the whole
+    stream. Output lags the input by half the filter (10 input samples of the slower side, under 1 ms), which
+    `process` reflects in the time it returns; `flush` at the end of a stream (a file) emits what the lag held
+    back, so the output is then `resample_poly`'s, length included. The one resampler of every path: the live
+    sources, the file replay, `mcihn extract` (`to_16k_mono`). Not thread-safe: one resampler per stream.
+    """
+
+    _CHUNK = 4096  # outputs per vectorised step: bounds the (outputs x taps) gather for long pushed blocks
+
+    def __init__(self, in_rate: float, out_rate: int = SAMPLE_RATE):
+        if not in_rate or in_rate <= 0 or in_rate != int(in_rate):
+            raise ValueError(f"the input sample rate must be a positive whole number of Hz, got {in_rate}")
+        from scipy.signal import firwin
+
+        self.in_rate, self.out_rate = int(in_rate), int(out_rate)
+        g = math.gcd(self.in_rate, self.out_rate)
+        self.up, self.down = self.out_rate // g, self.in_rate // g
+        self._n_in = 0  # input samples consumed
+        self._k = 0  # next output sample index
+        if self.up == self.down == 1:
+            return
+        max_rate = max(self.up, self.down)
+        self._delay = 10 * max_rate  # half the filter, in upsampled samples
+        h = firwin(2 * self._delay + 1, 1.0 / max_rate, window=("kaiser", 5.0)) * self.up
+        self._taps = -(-h.shape[0] // self.up)  # input samples under the filter for each output
+        h = np.concatenate([h, np.zeros(self._taps * self.up - h.shape[0])])
+        self._phases = h.reshape(self._taps, self.up).T.copy()  # [phase, m] = h[phase + m * up]
+        self._hist = np.zeros(self._taps - 1)  # the last inputs (zeros before the stream, as resample_poly pads)
+
+    @property
+    def passthrough(self) -> bool:
+        return self.up == self.down == 1
+
+    def process(self, block: np.ndarray, t_end: float | None = None) -> tuple[np.ndarray, float | None]:
+        """Resample one mono block; returns (output samples, monotonic time of the last output sample).
+
+        `t_end` is the time of the block's last input sample; the output's last sample is a little older (the
+        filter's lag). Returns None as the time when `t_end` is None or no output is ready yet.
+        """
+        x = np.asarray(block, dtype=np.float64).reshape(-1)
+        if self.passthrough:
+            self._n_in += x.shape[0]
+            return x.astype(np.float32), t_end
+        buf = np.concatenate([self._hist, x])  # buf[0] is input index n_in - (taps - 1)
+        n_total = self._n_in + x.shape[0]
+        # Output k needs inputs up to floor((k * down + delay) / up); emit every k whose inputs have arrived.
+        k_end = max(self._k, (n_total * self.up - self._delay - 1) // self.down + 1)
+        out = np.empty(k_end - self._k, np.float32)
+        back = np.arange(self._taps)
+        for c in range(self._k, k_end, self._CHUNK):
+            p = np.arange(c, min(c + self._CHUNK, k_end)) * self.down + self._delay
+            newest = p // self.up
+            local = (newest - self._n_in + self._taps - 1)[:, None] - back[None, :]
+            out[c - self._k:c - self._k + p.shape[0]] = np.einsum(
+                "kt,kt->k", self._phases[p - newest * self.up], buf[local])
+        self._hist = buf[buf.shape[0] - (self._taps - 1):]
+        self._n_in, self._k = n_total, k_end
+        if t_end is None or out.shape[0] == 0:
+            return out, None
+        # The last output sits at input position (k_end - 1) * down / up.
+        lag = (n_total - 1 - (k_end - 1) * self.down / self.up) / self.in_rate
+        return out, t_end - lag
+
+    def flush(self) -> np.ndarray:
+        """The stream has ended: the outputs the filter's lag held back, computed as if zeros followed (as
+        `resample_poly` pads), up to `resample_poly`'s length ceil(inputs x up / down). Call once, at the end."""
+        if self.passthrough:
+            return np.zeros(0, np.float32)
+        n_out = -(-self._n_in * self.up // self.down)
+        if n_out <= self._k:
+            return np.zeros(0, np.float32)
+        emitted = self._k
+        needed = ((n_out - 1) * self.down + self._delay) // self.up + 1  # inputs the last output reads
+        out, _ = self.process(np.zeros(max(0, needed - self._n_in)))
+        return out[: n_out - emitted]
+
 
 
 def conv_geometry(kernels: list[int] | tuple[int, ...], strides: list[int] | tuple[int, ...]) -> tuple[int, int]:

@@ -2,20 +2,24 @@
 timestamped video frames and audio blocks for a file source.
 
 `decode_clip` reads a clip in one demux pass: the audio track is decoded in full (mono float32 at its native
-rate), and of the video frames only the ones nearest to evenly spaced times are converted to BGR arrays (the
-conversion, not the decoding, is what costs). `write_clip` writes an mp4 with an AAC audio track, which
+rate), and of the video frames only those in the window at the clip's end (engines/window.py: the frames the live
+pipeline would have analysed, replaying the clip) are converted to BGR arrays (the conversion, not the decoding,
+is what costs). `write_clip` writes an mp4 with an AAC audio track, which
 cv2.VideoWriter cannot do. Unreadable files raise `MediaError` with one line naming the file and the reason.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from mcihn.spec import WindowSpec
 
 
 class MediaError(ValueError):
@@ -24,9 +28,11 @@ class MediaError(ValueError):
 
 @dataclass
 class Clip:
-    """A decoded clip. frames: BGR uint8 (H, W, 3) arrays at `times` (media seconds), evenly spread over the
-    video; empty when the file has no video stream (or no decodable frame). audio: (n,) float32 mono in
-    [-1, 1] at `sample_rate`, None when the file has no audio track (sample_rate is then 0)."""
+    """A decoded clip. frames: BGR uint8 (H, W, 3) arrays at `times` (media seconds), the frames of the window at
+    the clip's end (oldest first); empty when the file has no video stream (or no decodable frame). audio: (n,)
+    float32 mono in [-1, 1] at `sample_rate`, from media time `audio_start`, None when the file has no audio
+    track (sample_rate is then 0). end: the media time of its newest frame or audio sample, where a live replay
+    of the clip ends (the window's end)."""
 
     path: str
     frames: list[np.ndarray] = field(default_factory=list)
@@ -35,6 +41,8 @@ class Clip:
     sample_rate: int = 0
     duration: float = 0.0
     has_video: bool = False  # a video stream exists (it may still have yielded no frame)
+    audio_start: float = 0.0
+    end: float = 0.0
 
     @property
     def has_audio(self) -> bool:
@@ -71,22 +79,6 @@ def _decoded(container, streams: list) -> Iterator:
         raise MediaError(f"{container.name}: decoding failed ({_first_line(err)})") from None
 
 
-def _video_span(container, stream) -> tuple[float, float | None]:
-    """(start, duration) of a video stream in seconds; duration None when neither stream nor container says."""
-    tb = stream.time_base
-    start = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
-    if stream.duration and tb:
-        return start, float(stream.duration * tb)
-    if container.duration:
-        return start, container.duration / 1_000_000  # AV_TIME_BASE
-    return start, None
-
-
-def evenly_spaced(start: float, duration: float, n: int) -> list[float]:
-    """n times at the centres of n equal parts of [start, start + duration]."""
-    return [start + (k + 0.5) * duration / n for k in range(n)]
-
-
 class _MonoFloat:
     """Audio frames of any sample format/layout -> mono float32 blocks in [-1, 1] at the native rate."""
 
@@ -108,8 +100,11 @@ class _AudioCollector:
         self.rate = rate
         self.to_mono = _MonoFloat()
         self.blocks: list[np.ndarray] = []
+        self.start: float | None = None  # media time of the first sample
 
     def add(self, frame) -> None:
+        if self.start is None:
+            self.start = float(frame.time) if frame.time is not None else 0.0
         self.blocks.extend(self.to_mono(frame))
 
     def finish(self) -> np.ndarray:
@@ -117,14 +112,13 @@ class _AudioCollector:
         return np.concatenate(self.blocks).astype(np.float32) if self.blocks else np.zeros(0, np.float32)
 
 
-def decode_clip(path: str | os.PathLike, num_frames: int = 10) -> Clip:
-    """Decode `path` once: up to `num_frames` video frames nearest to evenly spaced times (fewer when the
-    video has fewer frames; never duplicated) and the whole audio track. Raises MediaError when the file
-    cannot be opened or decoded, or has neither a video nor an audio stream."""
+def decode_clip(path: str | os.PathLike, window: WindowSpec | None = None) -> Clip:
+    """Decode `path` once: the video frames in `window` (default WindowSpec()) at the clip's end, picked as the live
+    pipeline picks them (engines/window.py), and the whole audio track. Raises MediaError when the file cannot be
+    opened or decoded, or has neither a video nor an audio stream."""
     import av
 
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    window = window or WindowSpec()
     with open_media(path) as container:
         video = container.streams.video[0] if container.streams.video else None
         audio = container.streams.audio[0] if container.streams.audio else None
@@ -132,7 +126,7 @@ def decode_clip(path: str | os.PathLike, num_frames: int = 10) -> Clip:
             raise MediaError(f"{path}: no video or audio stream")
         clip = Clip(path=str(path), has_video=video is not None)
         collector = _AudioCollector(audio.rate) if audio is not None and audio.rate else None
-        picker = _FramePicker(*_video_span(container, video), num_frames) if video is not None else None
+        picker = _WindowPicker(window) if video is not None else None
         if video is not None:
             video.thread_type = "AUTO"
         streams = [s for s in (video, audio) if s is not None]
@@ -141,71 +135,57 @@ def decode_clip(path: str | os.PathLike, num_frames: int = 10) -> Clip:
                 picker.add(frame)
             elif collector is not None:
                 collector.add(frame)
-        if picker is not None:
-            clip.frames, clip.times = picker.finish()
         if collector is not None:
             clip.audio, clip.sample_rate = collector.finish(), collector.rate
+            clip.audio_start = collector.start or 0.0
         video_end = picker.end if picker is not None else 0.0
-        audio_len = len(clip.audio) / clip.sample_rate if clip.audio is not None else 0.0
-        clip.duration = max(container.duration / 1_000_000 if container.duration else 0.0, video_end, audio_len)
+        audio_end = clip.audio_start + len(clip.audio) / clip.sample_rate if clip.audio is not None else 0.0
+        clip.end = max(video_end, audio_end)
+        if picker is not None:
+            clip.frames, clip.times = picker.finish(clip.end)
+        clip.duration = max(container.duration / 1_000_000 if container.duration else 0.0, video_end, audio_end)
     return clip
 
 
-class _FramePicker:
-    """Keeps the decoded frames nearest to evenly spaced target times while frames stream past, converting only
-    those. Without a known duration it keeps every frame and picks by index at the end (rare: streams that do
-    not declare their length)."""
+class _WindowPicker:
+    """Keeps, while frames stream past, the frames the live vision worker would analyse (engines/window.py
+    `FrameGrid`), the newest `vision_frames` only, and converts at the end those in the window at the clip's end."""
 
-    def __init__(self, start: float, duration: float | None, n: int):
-        self.n = n
-        self.targets = evenly_spaced(start, duration, n) if duration else None
-        self.k = 0  # next target
-        self.prev: tuple[float, object] | None = None
-        self.count = 0
+    def __init__(self, window: WindowSpec):
+        from engines.window import FrameGrid
+
+        self.window = window
+        self.grid = FrameGrid(window.frame_interval_s)
+        self.kept: deque[tuple[float, object]] = deque(maxlen=window.vision_frames)
+        self.prev_t: float | None = None
         self.end = 0.0
-        self.chosen: list[tuple[float, object]] = []
-        self.all: list[tuple[float, object]] = []
-
-    def _time(self, frame) -> float:
-        # Frames without a timestamp: assume 25 fps after the previous one (only ordering matters here).
-        return float(frame.time) if frame.time is not None else (self.prev[0] + 0.04 if self.prev else 0.0)
-
-    def _choose(self, item: tuple[float, object]) -> None:
-        if not self.chosen or self.chosen[-1][1] is not item[1]:
-            self.chosen.append(item)
 
     def add(self, frame) -> None:
-        t = self._time(frame)
-        self.count += 1
-        self.end = max(self.end, t)
-        if self.targets is None:
-            self.all.append((t, frame))
-        else:
-            while self.k < self.n and t >= self.targets[self.k]:
-                target = self.targets[self.k]
-                closer_prev = self.prev is not None and target - self.prev[0] < t - target
-                self._choose(self.prev if closer_prev else (t, frame))
-                self.k += 1
-        self.prev = (t, frame)
+        # Frames without a timestamp: assume 25 fps after the previous one.
+        t = float(frame.time) if frame.time is not None else (self.prev_t + 0.04 if self.prev_t is not None else 0.0)
+        self.prev_t, self.end = t, max(self.end, t)
+        if self.grid.due(t):
+            self.kept.append((t, frame))
 
-    def finish(self) -> tuple[list[np.ndarray], list[float]]:
-        if self.targets is None:
-            if self.all:
-                idx = np.linspace(0, len(self.all) - 1, min(self.n, len(self.all))).round().astype(int)
-                for i in dict.fromkeys(idx.tolist()):
-                    self._choose(self.all[i])
-        elif self.prev is not None and self.k < self.n:
-            self._choose(self.prev)  # targets past the last frame (a duration longer than the frames)
-        frames = [f.to_ndarray(format="bgr24") for _, f in self.chosen]
-        return frames, [t for t, _ in self.chosen]
+    def finish(self, t_end: float) -> tuple[list[np.ndarray], list[float]]:
+        from engines.window import frames_in_window
+
+        times = [t for t, _ in self.kept]
+        chosen = [self.kept[i] for i in frames_in_window(times, t_end, self.window.vision_span_s,
+                                                         self.window.vision_frames)]
+        return [f.to_ndarray(format="bgr24") for _, f in chosen], [t for t, _ in chosen]
 
 
 def iter_av(path: str | os.PathLike, video: bool = True, audio: bool = True,
             audio_rate: int | None = None) -> Iterator[tuple[float, str, np.ndarray]]:
     """(media time, "video" | "audio", data) in demux order: BGR uint8 frames at their presentation time, mono
     float32 audio blocks at `audio_rate` (default: the native rate), stamped with the time of their first
-    sample. For streaming consumers (the live file source); MediaError as decode_clip."""
+    sample; with `audio_rate`, resampled by engines/audio.py `StreamResampler` (flushed at the end: the blocks
+    together are `to_16k_mono` of the whole track, what `mcihn extract` uses). For streaming consumers (the live
+    file source); MediaError as decode_clip."""
     import av
+
+    from engines.audio import StreamResampler
 
     with open_media(path) as container:
         streams = []
@@ -217,14 +197,24 @@ def iter_av(path: str | os.PathLike, video: bool = True, audio: bool = True,
         if not streams:
             raise MediaError(f"{path}: no {'video or audio' if video and audio else 'video' if video else 'audio'} "
                              f"stream")
-        to_mono = _MonoFloat(audio_rate)
+        to_mono = _MonoFloat()
+        resampler: StreamResampler | None = None
+        t = 0.0
         for frame in _decoded(container, streams):
             t = float(frame.time) if frame.time is not None else 0.0
             if isinstance(frame, av.VideoFrame):
                 yield t, "video", frame.to_ndarray(format="bgr24")
-            else:
-                for block in to_mono(frame):
-                    yield t, "audio", block
+                continue
+            if resampler is None and audio_rate:
+                resampler = StreamResampler(frame.sample_rate, audio_rate)
+            for block in to_mono(frame):
+                yield t, "audio", block if resampler is None else resampler.process(block)[0]
+        if audio and container.streams.audio:  # the end of the track: what the converters still hold
+            tail = to_mono(None)
+            if resampler is not None:
+                tail = [resampler.process(b)[0] for b in tail] + [resampler.flush()]
+            for block in tail:
+                yield t, "audio", block
 
 
 def write_clip(path: str | os.PathLike, frames_bgr: Iterable[np.ndarray], fps: float,

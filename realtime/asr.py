@@ -637,6 +637,15 @@ class AsrWorker:
         previous = ends[-2] + 1 if len(ends) > 1 else 0
         return join_words(words[previous : ends[-1] + 1])  # the last complete sentence
 
+    def words_within(self, horizon_s: float) -> str:
+        """The committed words that ended within `horizon_s` of the newest one, as text: a checkpoint's window with
+        a seconds text horizon (engines/window.py `words_in_window`, the rule `mcihn extract` applies too)."""
+        from engines.window import words_in_window
+
+        with self._lock:
+            words = list(self._words)
+        return join_words(words[words_in_window([w.end for w in words], horizon_s):])
+
     def text_window(self, max_words: int | None = None) -> str:
         """The last `max_words` (default AsrOptions.window_words) committed words as text: the text extractor's
         input (it keeps the newest tokens that fit)."""

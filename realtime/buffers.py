@@ -4,8 +4,9 @@
   that no consumer took is counted in `dropped`.
 - AudioRing: a preallocated ring of 16 kHz mono float32 samples; overflow keeps the newest. Writers only copy,
   under a lock held for two slice assignments, so an audio thread never waits on a slow reader.
-- StreamResampler: any input rate to 16 kHz, block by block, with the filter state carried between blocks, so
-  the output equals `scipy.signal.resample_poly` of the whole stream (no clicks at block edges).
+- StreamResampler (engines/audio.py, re-exported here): any input rate to 16 kHz, block by block, with the filter
+  state carried between blocks, so the output equals `scipy.signal.resample_poly` of the whole stream. The one
+  resampler of every audio path: microphone, pushed audio, file replay and `mcihn extract`.
 
 Every timestamp is `time.monotonic()` seconds (the one clock of the live pipeline).
 """
@@ -18,7 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from engines.audio import to_mono_float32  # noqa: F401 - re-exported: the sources convert every block with it
+# Re-exported: the sources convert and resample every block with them.
+from engines.audio import StreamResampler, to_mono_float32  # noqa: F401
 
 SAMPLE_RATE = 16_000  # the rate of every model's audio input (Wav2Vec2, Whisper)
 
@@ -127,23 +129,24 @@ class AudioRing:
         """Samples currently held."""
         return min(self.written, self.capacity)
 
-    def read_last(self, seconds: float, out: np.ndarray | None = None,
-                  now: float | None = None) -> tuple[np.ndarray, float | None]:
-        samples, t_end, _ = self.read_last_indexed(seconds, out, now)
+    def read_last(self, seconds: float, out: np.ndarray | None = None, now: float | None = None,
+                  grace_s: float = 0.0) -> tuple[np.ndarray, float | None]:
+        samples, t_end, _ = self.read_last_indexed(seconds, out, now, grace_s)
         return samples, t_end
 
-    def read_last_indexed(self, seconds: float, out: np.ndarray | None = None,
-                          now: float | None = None) -> tuple[np.ndarray, float | None, int]:
+    def read_last_indexed(self, seconds: float, out: np.ndarray | None = None, now: float | None = None,
+                          grace_s: float = 0.0) -> tuple[np.ndarray, float | None, int]:
         """(a copy of the newest `seconds` of audio, or less when the ring holds less; time of its last sample).
         `now`: keep only samples captured within `seconds` before `now`, so audio that stopped arriving (a
-        microphone unplugged, a stream that ended) ages out of the window instead of being read for ever.
+        microphone unplugged, a stream that ended) ages out of the window instead of being read for ever;
+        `grace_s`: how far the newest sample may lag `now` before that trimming starts (a device's block latency).
         `out`: a float32 array of at least that many samples to copy into (a view of it is returned).
         `read_last_indexed` also returns the absolute index just after the last sample (`written` then): where
         the window sits in the stream, for features computed incrementally."""
         with self._lock:
             n = min(max(0, int(round(seconds * self.rate))), self.available)
             if now is not None and self.t_end is not None:
-                n = min(n, max(0, int(round((seconds - (now - self.t_end)) * self.rate))))
+                n = min(n, max(0, int(round((seconds - max(0.0, now - self.t_end - grace_s)) * self.rate))))
             return self._copy(self.written - n, self.written, out), self.t_end, self.written
 
     def read_since(self, t: float) -> tuple[np.ndarray, float | None]:
@@ -181,69 +184,3 @@ class AudioRing:
         out[:first] = self._buf[i:i + first]
         out[first:] = self._buf[:n - first]
         return out
-
-
-class StreamResampler:
-    """Resample a block stream from `in_rate` to `out_rate` (16 kHz), carrying the filter state across blocks.
-
-    The same polyphase low-pass FIR as `scipy.signal.resample_poly` (Kaiser window, beta 5, 10 zero crossings per
-    side), evaluated only at the output instants, so the concatenated output equals `resample_poly` of the whole
-    stream. Output lags the input by half the filter (10 input samples of the slower side, under 1 ms), which
-    `process` reflects in the time it returns. Not thread-safe: one resampler per stream.
-    """
-
-    _CHUNK = 4096  # outputs per vectorised step: bounds the (outputs x taps) gather for long pushed blocks
-
-    def __init__(self, in_rate: float, out_rate: int = SAMPLE_RATE):
-        if not in_rate or in_rate <= 0 or in_rate != int(in_rate):
-            raise ValueError(f"the input sample rate must be a positive whole number of Hz, got {in_rate}")
-        from scipy.signal import firwin
-
-        self.in_rate, self.out_rate = int(in_rate), int(out_rate)
-        g = math.gcd(self.in_rate, self.out_rate)
-        self.up, self.down = self.out_rate // g, self.in_rate // g
-        self._n_in = 0  # input samples consumed
-        self._k = 0  # next output sample index
-        if self.up == self.down == 1:
-            return
-        max_rate = max(self.up, self.down)
-        self._delay = 10 * max_rate  # half the filter, in upsampled samples
-        h = firwin(2 * self._delay + 1, 1.0 / max_rate, window=("kaiser", 5.0)) * self.up
-        self._taps = -(-h.shape[0] // self.up)  # input samples under the filter for each output
-        h = np.concatenate([h, np.zeros(self._taps * self.up - h.shape[0])])
-        self._phases = h.reshape(self._taps, self.up).T.copy()  # [phase, m] = h[phase + m * up]
-        self._hist = np.zeros(self._taps - 1)  # the last inputs (zeros before the stream, as resample_poly pads)
-
-    @property
-    def passthrough(self) -> bool:
-        return self.up == self.down == 1
-
-    def process(self, block: np.ndarray, t_end: float | None = None) -> tuple[np.ndarray, float | None]:
-        """Resample one mono block; returns (output samples, monotonic time of the last output sample).
-
-        `t_end` is the time of the block's last input sample; the output's last sample is a little older (the
-        filter's lag). Returns None as the time when `t_end` is None or no output is ready yet.
-        """
-        x = np.asarray(block, dtype=np.float64).reshape(-1)
-        if self.passthrough:
-            self._n_in += x.shape[0]
-            return x.astype(np.float32), t_end
-        buf = np.concatenate([self._hist, x])  # buf[0] is input index n_in - (taps - 1)
-        n_total = self._n_in + x.shape[0]
-        # Output k needs inputs up to floor((k * down + delay) / up); emit every k whose inputs have arrived.
-        k_end = max(self._k, (n_total * self.up - self._delay - 1) // self.down + 1)
-        out = np.empty(k_end - self._k, np.float32)
-        back = np.arange(self._taps)
-        for c in range(self._k, k_end, self._CHUNK):
-            p = np.arange(c, min(c + self._CHUNK, k_end)) * self.down + self._delay
-            newest = p // self.up
-            local = (newest - self._n_in + self._taps - 1)[:, None] - back[None, :]
-            out[c - self._k:c - self._k + p.shape[0]] = np.einsum(
-                "kt,kt->k", self._phases[p - newest * self.up], buf[local])
-        self._hist = buf[buf.shape[0] - (self._taps - 1):]
-        self._n_in, self._k = n_total, k_end
-        if t_end is None or out.shape[0] == 0:
-            return out, None
-        # The last output sits at input position (k_end - 1) * down / up.
-        lag = (n_total - 1 - (k_end - 1) * self.down / self.up) / self.in_rate
-        return out, t_end - lag

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--loop", action="store_true", help="file source: start over at the end")
     run = p.add_argument_group("processing")
     run.add_argument("--hop", type=float, default=0.25, help="seconds between updates (default 0.25: 4/s)")
-    run.add_argument("--window", type=float, default=2.56, help="seconds of audio and video per update")
+    run.add_argument("--window", type=float, default=None,
+                     help="seconds of audio and video per update (default: the checkpoint's recorded window, else "
+                          "2.56; a checkpoint's recorded window cannot be changed)")
     run.add_argument("--text-horizon", type=float, default=None,
                      help="seconds committed words stay fused after the last one was spoken (default: the "
                           "checkpoint's, else 8)")

@@ -10,6 +10,7 @@ from pathlib import Path
 from realtime.asr import AsrOptions
 
 DEFAULT_CACHE = Path.home() / ".cache" / "mcihn-live"
+DEFAULT_WINDOW_S = 2.56  # the window of checkpoints that record none (realtime/stack.py live_window)
 
 
 class ConfigError(ValueError):
@@ -28,8 +29,10 @@ class LiveConfig:
     source's replay speed (1: live pace); 0: as fast as possible, stepping by media time, never skipping a tick
     (offline scoring of a recording: capture_to_emit then measures in media time, without processing time).
     hop_s: one update per hop (0.25 s: 4 updates/s, the CPU budget
-    of docs/design.md). window_s: the audio window (2.56 s = Wav2Vec2's 128 frames) and the span of the vision
-    window's frames. vision_model/text_model/audio_model: where to load the checkpoint's extractors from when
+    of docs/design.md). window_s: the span of the vision window's frames and of the audio window (rounded up to
+    whole Wav2Vec2 frames) for checkpoints that record no window; None: the checkpoint's window (mcihn/spec.py
+    WindowSpec), else 2.56 s (128 Wav2Vec2 frames); a value other than a recorded window's is refused.
+    vision_model/text_model/audio_model: where to load the checkpoint's extractors from when
     not from its model ids (a local folder holding the same model).
     threads: CPU threads for each busy worker's own backends (onnxruntime sessions, CTranslate2): per object, so
     they touch nothing else in the host's process. limit_process_threads: also cap torch's and OpenCV's
@@ -53,7 +56,7 @@ class LiveConfig:
     speed: float = 1.0
     loop: bool = False
     hop_s: float = 0.25
-    window_s: float = 2.56
+    window_s: float | None = None
     backend: str = "auto"
     device: str | None = None
     # The extractors' precision: None = fp16 on a GPU, fp32 on a CPU; "int8": onnxruntime's int8 matrix products
@@ -92,7 +95,7 @@ class LiveConfig:
             raise ConfigError(f"speed must be positive, or 0 for as fast as possible (got {self.speed})")
         if self.speed == 0 and self.source in ("devices", "push"):
             raise ConfigError("speed 0 (as fast as possible) is for a file source: pass --source FILE")
-        if self.hop_s <= 0 or self.window_s <= 0:
+        if self.hop_s <= 0 or (self.window_s is not None and self.window_s <= 0):
             raise ConfigError(f"hop and window must be positive (got hop {self.hop_s} s, window {self.window_s} s)")
         if self.malloc_arenas < 0:
             raise ConfigError(f"malloc_arenas must be 0 (glibc's default) or more (got {self.malloc_arenas})")

@@ -27,7 +27,9 @@ RECORD_TIMING, RECORD_FORMAT = "recording.json", "mcihn-recording"  # how audio.
 
 def _container_items(path: Path, video: bool = True, audio: bool = True) -> Iterator[tuple[float, str, np.ndarray]]:
     """(media time, "video"|"audio", data) in media-time order: BGR frames at their presentation time, 16 kHz
-    mono float32 audio blocks at the time of their last sample (what a live microphone's block stamp means)."""
+    mono float32 audio blocks at the time of their last sample (what a live microphone's block stamp means),
+    resampled by the one StreamResampler (engines/media.py `iter_av`), so the ring ends up holding what
+    `mcihn extract` cuts from the same file."""
     from engines.media import MediaError, iter_av
 
     def stamped() -> Iterator[tuple[float, str, np.ndarray]]:
@@ -80,6 +82,7 @@ def _wav_items(path: Path, block_s: float = 0.02) -> Iterator[tuple[float, str, 
             t += len(block) / rate
             samples, _ = resampler.process(to_mono_float32(block))
             yield t, "audio", samples
+        yield t, "audio", resampler.flush()  # the file's end: the whole file resampled, as `mcihn extract` does
 
 
 def recording_offsets(folder: str | Path) -> tuple[float, float]:

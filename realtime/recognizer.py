@@ -57,7 +57,7 @@ class Recognizer:
         self.config = config
         self._stack = stack
         self.frames = LatestFrame()
-        self.ring = AudioRing(capacity_s=max(30.0, 2 * config.window_s))
+        self.ring = AudioRing(capacity_s=max(30.0, 2 * (config.window_s or 0.0)))
         self.sources: list = []
         self._done = threading.Event()  # the session ended: the offline replay finished, or an error ended it
         self._faults = Faults(self._done)
@@ -141,7 +141,7 @@ class Recognizer:
 
             limit_malloc_arenas(cfg.malloc_arenas)
         self.stack = self._stack or load_stack(cfg)
-        self._buffers = TickBuffers(self.stack, cfg.window_s)
+        self._buffers = TickBuffers(self.stack)
         self.clock = WallClock()  # media time 0 now; a file source or the offline replay brings its own clock
         if cfg.record:
             from realtime.recorder import Recorder
@@ -206,7 +206,7 @@ class Recognizer:
         analyser = stack.face if stack.face is not None else stack.extractors.get("vision")
         if analyser is not None and (cfg.source != "devices" or cfg.use_camera):
             seq_len, dim = self._buffers.vision_shape
-            self.vision_window = VisionWindow(seq_len, dim, cfg.window_s)
+            self.vision_window = VisionWindow(seq_len, dim, stack.window.vision_span_s)
             self.vision = VisionWorker(analyser, self.vision_window, self.clock, report=self._faults.report)
         self.text_window = TextWindow(stack.extractors["text"]) if "text" in stack.modalities else None
         has_audio = cfg.source != "devices" or cfg.use_mic
@@ -242,9 +242,14 @@ class Recognizer:
     def _words_committed(self, update) -> None:
         """On the ASR thread: re-encode the text window when words were committed."""
         if update.new_words:
-            utterance = self.stack.text_scope == "utterance"
-            self.text_window.update(self.asr.last_utterance() if utterance else self.asr.text_window(),
-                                    t_spoken=update.new_words[-1].end)
+            scope = self.stack.text_scope
+            if scope == "utterance":
+                text = self.asr.last_utterance()
+            elif scope == "horizon":  # the window's seconds of words, as `mcihn extract` cut them
+                text = self.asr.words_within(self.stack.window.text_horizon_s)
+            else:
+                text = self.asr.text_window()
+            self.text_window.update(text, t_spoken=update.new_words[-1].end)
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop everything within about `timeout` seconds: ticks first, then workers, sources, sinks."""

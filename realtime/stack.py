@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mcihn.spec import FeatureSpec, WindowSpec
 from realtime.asr import AsrOptions
 from realtime.buffers import SAMPLE_RATE
-from realtime.config import ConfigError, LiveConfig
+from realtime.config import DEFAULT_WINDOW_S, ConfigError, LiveConfig
 
 
 @dataclass
@@ -34,7 +35,12 @@ class Stack:
     # modalities' own scores instead of MCIHN's joint fusion (which then scores text alone).
     face: object | None = None  # engines.face.FaceExpert
     late_fusion: object | None = None  # mcihn.late_fusion.LateFusion
-    text_scope: str = "window"  # "utterance": the sentence being spoken (AsrWorker.last_utterance) is encoded
+    # What the tick cuts: the checkpoint's recorded window, or for one without (`live_window`) LiveConfig.window_s.
+    window: WindowSpec = field(default_factory=WindowSpec)
+    # Which committed words are encoded: "window" the last AsrOptions.window_words (checkpoints without a recorded
+    # window), "utterance" the sentence being spoken (AsrWorker.last_utterance), "horizon" the words that ended
+    # within the window's text horizon of the newest (AsrWorker.words_within).
+    text_scope: str = "window"
     text_horizon_s: float = 8.0  # committed words expire this long after the end of the newest one
     # Audio features computed incrementally each tick (engines/audio.py StreamingConvFeatures; CPU, GroupNorm
     # Wav2Vec2 conv features, when the config asks): several times cheaper, within the error docs/live.md
@@ -48,8 +54,8 @@ class TickBuffers:
     the lengths. The windows and the audio extractor write straight into the fusion inputs. Only the tick
     thread touches them (the ticker never runs two ticks at once)."""
 
-    def __init__(self, stack: Stack, window_s: float):
-        self.audio = np.zeros(int(round(window_s * SAMPLE_RATE)), np.float32)
+    def __init__(self, stack: Stack):
+        self.audio = np.zeros(stack.window.audio_samples, np.float32)
         self.inputs = {m: np.zeros((1, stack.seq_lens[m], stack.dims[m]), np.float32)
                        for m in ("vision", "text", "audio")}
         self.lengths = np.zeros((1, 3), np.int64)
@@ -126,14 +132,54 @@ def load_checkpoint_stack(checkpoint_dir: Path, config: LiveConfig, asr_options:
                             None if config.precision == "int8" else config.precision, cache_dir=cache,
                             threads=threads)
     cfg = model.config
+    window, text_scope = live_window(ckpt.spec, config, extractors.get("audio"))
+    horizon = window.text_horizon_s or config.text_horizon_s or ckpt.metadata.get("text_horizon_s", 8.0)
     return Stack(extractors, fusion, cfg.head, list(cfg.labels), dict(cfg.seq_lens), dict(cfg.input_dims),
                  used, bool(ckpt.metadata.get("untrained", False)), asr_options,
                  models={m: extractors[m].spec.extractor if m in extractors else None
                          for m in ("vision", "text", "audio")},
                  fusion_name=f"mcihn: {checkpoint_dir}", metadata=ckpt.metadata,
-                 text_horizon_s=float(config.text_horizon_s or ckpt.metadata.get("text_horizon_s", 8.0)),
+                 window=window, text_scope=text_scope, text_horizon_s=float(horizon),
                  incremental_audio=bool(threads is not None and config.incremental_audio and "audio" in extractors
                                         and extractors["audio"].can_stream))
+
+
+def live_window(spec: FeatureSpec, config: LiveConfig, audio=None) -> tuple[WindowSpec, str]:
+    """(the window the tick cuts, the text scope) for a checkpoint's spec; `audio`: its audio extractor, if any.
+
+    A checkpoint that records its window (`mcihn extract` since windows are recorded) gets exactly that window:
+    a `--window` or `--text-horizon` that would cut another one is refused, naming the field. One without (older
+    checkpoints, the starter's text model, the stand-in demo) gets what it got before: `config.window_s` of frames,
+    the last committed words; its audio is `window_s` rounded up to whole Wav2Vec2 frames (2.56 s: 41,040 samples,
+    the 128 frames `mcihn extract` always cut; before, live cut 40,960: 127 frames).
+    """
+    recorded = spec.window
+    if recorded is None:
+        span = config.window_s or DEFAULT_WINDOW_S
+        samples = int(round(span * SAMPLE_RATE))
+        if audio is not None and samples >= audio.receptive_field:  # rounded up to whole Wav2Vec2 frames
+            frames = -(-(samples - audio.receptive_field) // audio.hop) + 1
+            samples = audio.receptive_field + (frames - 1) * audio.hop
+        return WindowSpec(vision_span_s=span, vision_frames=spec.vision.seq_len, audio_samples=samples), "window"
+    _refuse_other_window(recorded, spec, config)
+    return recorded, "utterance" if recorded.text_horizon_s is None else "horizon"
+
+
+def _refuse_other_window(window: WindowSpec, spec: FeatureSpec, config: LiveConfig) -> None:
+    """ConfigError (one line: the field and the fix) when the config asks for a window other than the checkpoint's."""
+    if config.window_s is not None and abs(config.window_s - window.vision_span_s) > 1e-9:
+        raise ConfigError(f"--window {config.window_s:g} s differs from the checkpoint's window (vision_span_s "
+                          f"{window.vision_span_s:g} s, audio_samples {window.audio_samples}), which live cuts as it "
+                          f"was trained; drop --window, or extract and train again with `mcihn extract --window "
+                          f"{config.window_s:g}`")
+    horizon = window.text_horizon_s
+    if horizon is not None and config.text_horizon_s is not None and config.text_horizon_s != horizon:
+        raise ConfigError(f"--text-horizon {config.text_horizon_s:g} s differs from the checkpoint's window "
+                          f"(text_horizon_s: {window.describe_text()}); drop --text-horizon, or extract and train "
+                          f"again with `mcihn extract --text-horizon {config.text_horizon_s:g}`")
+    if window.vision_frames != spec.vision.seq_len:
+        raise ConfigError(f"the checkpoint's window has vision_frames {window.vision_frames} but its vision seq_len "
+                          f"is {spec.vision.seq_len}; its feature spec is inconsistent: extract and train again")
 
 
 def cpu_thread_budget(config: LiveConfig) -> int | None:

@@ -1,8 +1,8 @@
 """The tick: one update, every hop. Reads each modality's window as fresh as its rule allows, says what is
 present, runs the audio model and fusion, and hands the EmotionEvent to the emitter.
 
-    VisionWindow (frames within window_s)     -> vision features (seq_len, dim), or the face's probabilities
-    AudioRing.read_last(window_s, now=now)    -> Silero VAD -> Wav2Vec2 (MCIHN checkpoints) -> (seq_len, dim)
+    VisionWindow (frames within the span)     -> vision features (seq_len, dim), or the face's probabilities
+    AudioRing.read_last(samples, now=now)     -> Silero VAD -> Wav2Vec2 (MCIHN checkpoints) -> (seq_len, dim)
     TextWindow (committed words, on change)   -> text features (seq_len, dim), absent past the text horizon
         -> MCIHN (presence mask: lengths (1, 3)), or the starter's late fusion -> EmotionEvent -> emitter
 
@@ -71,7 +71,10 @@ class Tick:
         # Live, the newest frame is analysed on the vision thread while this one computes the audio (joined below).
         analysing = self.vision.begin() if self.vision is not None else None
 
-        samples, t_end, end_index = self.ring.read_last_indexed(cfg.window_s, out=buffers.audio, now=now)
+        # The window's samples (stack.window: the checkpoint's); those older than the window before now are stale,
+        # with a hop's grace so that a device's block latency does not cost a Wav2Vec2 frame.
+        samples, t_end, end_index = self.ring.read_last_indexed(stack.window.audio_samples / SAMPLE_RATE,
+                                                                out=buffers.audio, now=now, grace_s=cfg.hop_s)
         if t_end is not None and len(samples):
             newest_capture.append(t_end)  # the audio, or the speech the text comes from
         presence.audio = self._voice_presence(samples, latency)

@@ -24,6 +24,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 
+from engines.window import FrameGrid
 from realtime.buffers import LatestFrame
 from realtime.windows import EmbeddedFrame, VisionWindow
 
@@ -39,7 +40,8 @@ class VisionWorker:
         # One analysed frame per interval of media time; a file replayed at `speed` runs that much faster.
         self.interval = clock.span(window.span_s / window.seq_len)
         self._report = report
-        self._next_due = clock.now()
+        # Offline, frames are analysed on this grid of media time, as `mcihn extract` picks a clip's frames.
+        self._grid = FrameGrid(self.interval, start=clock.now())
         self.latest_frame: np.ndarray | None = None  # the newest frame the live thread took (the overlay draws it)
         self._thread: threading.Thread | None = None
         # Live (tick-driven): the analysis thread, the analysis in flight, and what was analysed last.
@@ -52,11 +54,8 @@ class VisionWorker:
     def offer(self, frame: np.ndarray, t_capture: float) -> None:
         """A new frame: analysed when one is due. Due times are a grid of `interval` from the start: after a gap
         (or a slow analysis) the next frame is analysed at once and the grid resumes past now, never a burst."""
-        now = self.clock.now()
-        if now < self._next_due:
-            return
-        self._next_due += self.interval * (int((now - self._next_due) // self.interval) + 1)
-        self.analyse(frame, t_capture)
+        if self._grid.due(self.clock.now()):
+            self.analyse(frame, t_capture)
 
     def analyse(self, frame: np.ndarray, t_capture: float) -> None:
         """Analyse one frame (BGR uint8 (H, W, 3)) into the window."""

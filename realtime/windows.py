@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engines.extractor import Features
+from engines.window import frames_in_window
 
 
 @dataclass
@@ -43,7 +44,9 @@ class VisionWindow:
         """The window as MCIHN input (frames with a face, oldest first) and the newest frame seen. `out`: a
         (seq_len, dim) float32 array to fill instead of a new one."""
         with self._lock:
-            frames = [f for f in self._frames if now - f.t_capture <= self.span_s]
+            held = list(self._frames)
+        # The rule `mcihn extract` applies at a clip's end (engines/window.py), so the two windows agree.
+        frames = [held[i] for i in frames_in_window([f.t_capture for f in held], now, self.span_s, self.seq_len)]
         faces = [f for f in frames if f.embedding is not None]
         if out is None:
             out = np.zeros((self.seq_len, self.dim), np.float32)

@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import wave
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -20,7 +21,7 @@ import pytest
 
 from engines.media import MediaError, decode_clip, write_clip
 from mcihn.data import load_feature_store
-from mcihn.spec import MODALITIES
+from mcihn.spec import MODALITIES, WindowSpec
 from tools import extract
 
 FPS = 8
@@ -122,27 +123,31 @@ def assert_same_store(a: Path, b: Path) -> None:
 # engines/media.py
 
 
-def test_decode_clip_samples_frames_evenly_and_keeps_audio(tmp_path):
-    audio = (np.sin(2 * np.pi * 220 * np.arange(32000) / 16000) * 0.5).astype(np.float32)
-    frames = [np.full((64, 96, 3), 10 * i, np.uint8) for i in range(20)]  # frame i has grey level 10 i
+def test_decode_clip_picks_the_live_windows_frames_and_keeps_audio(tmp_path):
+    audio = (np.sin(2 * np.pi * 220 * np.arange(24000) / 16000) * 0.5).astype(np.float32)  # 1.5 s
+    frames = [np.full((64, 96, 3), 10 * i, np.uint8) for i in range(20)]  # frame i (t = i / 10) has grey 10 i
     write_clip(tmp_path / "a.mp4", frames, 10, audio=audio, sample_rate=16000)
-    clip = decode_clip(tmp_path / "a.mp4", num_frames=5)
+    clip = decode_clip(tmp_path / "a.mp4")
     assert clip.has_video and clip.has_audio and clip.sample_rate == 16000
-    assert [f.shape for f in clip.frames] == [(64, 96, 3)] * 5 and clip.frames[0].dtype == np.uint8
-    # Centres of five 0.4 s parts of a 2 s clip: frames 2, 6, 10, 14, 18 (grey 20, 60, ...; lossy codec).
-    np.testing.assert_allclose(clip.times, [0.2, 0.6, 1.0, 1.4, 1.8], atol=0.051)
-    np.testing.assert_allclose([f.mean() for f in clip.frames], [20, 60, 100, 140, 180], atol=6)
-    assert clip.duration == pytest.approx(2.0, abs=0.1)
+    assert clip.end == pytest.approx(1.9)  # the newest frame (the audio ends before it)
+    # The default window: one frame per 0.256 s on a grid from 0 (the first frame at or after each grid time),
+    # as the live vision worker analyses them; all eight lie within 2.56 s of the end.
+    expected = [0.0, 0.3, 0.6, 0.8, 1.1, 1.3, 1.6, 1.8]
+    assert [f.shape for f in clip.frames] == [(64, 96, 3)] * 8 and clip.frames[0].dtype == np.uint8
+    np.testing.assert_allclose(clip.times, expected, atol=1e-6)
+    np.testing.assert_allclose([f.mean() for f in clip.frames], [100 * t for t in expected], atol=6)
     assert abs(len(clip.audio) - len(audio)) < 2048  # AAC adds priming/padding samples
     assert np.abs(clip.audio).max() == pytest.approx(0.5, abs=0.05)
-    # Fewer frames than asked: each frame once, never duplicated.
-    assert len(decode_clip(tmp_path / "a.mp4", num_frames=50).frames) == 20
+    # A window of 4 frames over 1 s: one per 0.25 s, the newest four.
+    short = decode_clip(tmp_path / "a.mp4", WindowSpec(vision_span_s=1.0, vision_frames=4))
+    np.testing.assert_allclose(short.times, [1.0, 1.3, 1.5, 1.8], atol=1e-6)
 
 
 def test_decode_clip_reports_missing_streams_and_rejects_bad_files(tmp_path):
     write_clip(tmp_path / "silent.mp4", [np.zeros((32, 32, 3), np.uint8)] * 4, 8)
     silent = decode_clip(tmp_path / "silent.mp4")
-    assert silent.audio is None and silent.sample_rate == 0 and len(silent.frames) == 4
+    # 8 fps for 0.5 s: the frames at 0 and 0.375 s are the first at or after the grid times 0 and 0.256 s.
+    assert silent.audio is None and silent.sample_rate == 0 and silent.times == [0.0, 0.375]
     write_clip(tmp_path / "voice.m4a", [], 8, audio=np.zeros(8000, np.float32), sample_rate=16000)
     voice = decode_clip(tmp_path / "voice.m4a")
     assert not voice.has_video and voice.frames == [] and voice.has_audio
@@ -180,7 +185,8 @@ def test_extract_sims_writes_a_store_and_reports_problem_clips(full_store, stand
 
     options = ExtractorOptions(vision=str(standin_models["vision"]), text=str(standin_models["text"]),
                                audio=str(standin_models["audio"]))
-    assert fs.spec == extractors_spec(build_extractors(options))
+    assert fs.spec == replace(extractors_spec(build_extractors(options)), window=WindowSpec())
+    assert fs.spec.window == WindowSpec(vision_span_s=2.56, vision_frames=10, audio_samples=41_040)  # recorded
     for split in fs.splits.values():
         for m in MODALITIES:
             assert split.features[m].shape == (len(split), fs.spec[m].seq_len, fs.spec[m].dim)

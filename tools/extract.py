@@ -1,8 +1,12 @@
 """`mcihn extract`: a folder of raw clips plus a label file -> the project's feature store, with the live extractors.
 
-Each clip is decoded once (engines/media.py: frames spread evenly over the clip, the whole audio track) and run
-through the same vision, text and audio extractors the live app builds (engines/extractors.py), so a model trained
-on the store sees the features it will see live. Each clip's result is written to STORE/.work/items/ as soon as it
+Each clip is decoded once (engines/media.py) and cut as the live pipeline cuts its window at the clip's end, with
+the same code (engines/window.py): the frames the live vision worker would have analysed in the last --window
+seconds, the last 41,040 audio samples (128 Wav2Vec2 frames) resampled to 16 kHz by the live sources' resampler,
+and the transcript (the whole utterance, or --text-horizon seconds of its words). The window is recorded in the
+store's feature spec, and from there in checkpoints, whose live pipeline cuts it again. The cuts go through the
+same vision, text and audio extractors the live app builds (engines/extractors.py), so a model trained on the
+store sees the features it will see live. Each clip's result is written to STORE/.work/items/ as soon as it
 is made (atomically): a rerun skips finished clips, and `--shard i/n` processes (or machines sharing the folder)
 split the set. The run that finds every clip finished assembles the store with mcihn.data.save_feature_store.
 A clip that cannot be decoded is skipped, a clip without an audio track keeps audio length 0; both are listed in
@@ -19,7 +23,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +105,8 @@ class ExtractConfig:
     name: str | None = None
     options: object = None  # engines.extractors.ExtractorOptions; None -> its defaults (imported lazily)
     metric_family: str = "auto"
+    window_s: float = 2.56  # the vision window's span (mcihn.spec.WindowSpec.vision_span_s)
+    text_horizon_s: float | None = None  # seconds of words before the last one; None: the whole utterance
     shard: tuple[int, int] = (1, 1)  # 1-based index, count
     limit: int | None = None  # first N clips of each split
     retry_skipped: bool = False
@@ -347,12 +353,26 @@ def _absent(spec):
     return Features(np.zeros((spec.seq_len, spec.dim), np.float32), 0, {})
 
 
-def extract_item(item: Item, extractors: dict, num_frames: int) -> tuple[str, str, list[str], dict | None]:
-    """(status, reason, warnings, features) for one clip. Never raises for a bad clip: it is "skipped"."""
+def clip_window(clip, transcript: str, window) -> tuple[list[np.ndarray], np.ndarray | None, str]:
+    """(frames, 16 kHz audio, text) of the window at the end of a decoded clip: what the live pipeline holds when a
+    replay of the clip ends (engines/window.py; decode_clip picked the frames). The audio is the whole track
+    resampled by the live sources' StreamResampler (to_16k_mono), then its last `audio_samples`."""
+    from engines.audio import to_16k_mono
+    from engines.window import audio_in_window, transcript_in_window
+
+    audio = audio_in_window(to_16k_mono(clip.audio, clip.sample_rate), window) if clip.has_audio else None
+    return clip.frames, audio, transcript_in_window(transcript, window, clip.audio_start, clip.end)
+
+
+def extract_item(item: Item, extractors: dict, window) -> tuple[str, str, list[str], dict | None]:
+    """(status, reason, warnings, features) for one clip, cut by `window` (mcihn.spec.WindowSpec) at its end.
+    Never raises for a bad clip: it is "skipped"."""
+    from engines.audio import SAMPLE_RATE
     from engines.media import MediaError, decode_clip
 
     try:
-        clip = decode_clip(item.video, num_frames)
+        clip = decode_clip(item.video, window)
+        frames, audio, text = clip_window(clip, item.text, window)
     except MediaError as err:
         return "skipped", str(err), [], None
     warnings = []
@@ -364,9 +384,9 @@ def extract_item(item: Item, extractors: dict, num_frames: int) -> tuple[str, st
         warnings.append("no audio track")
     try:
         feats = {
-            "vision": extractors["vision"].extract(clip.frames) if clip.frames else _absent(extractors["vision"].spec),
-            "text": extractors["text"].extract(item.text),
-            "audio": (extractors["audio"].extract(clip.audio, clip.sample_rate) if clip.has_audio
+            "vision": extractors["vision"].extract(frames) if frames else _absent(extractors["vision"].spec),
+            "text": extractors["text"].extract(text),
+            "audio": (extractors["audio"].extract(audio, SAMPLE_RATE) if audio is not None
                       else _absent(extractors["audio"].spec)),
         }
     except Exception as err:  # noqa: BLE001 - one odd clip must not end a day-long run; --retry-skipped redoes it
@@ -380,9 +400,9 @@ def extract_item(item: Item, extractors: dict, num_frames: int) -> tuple[str, st
 # The run
 
 
-def _settings(spec, num_frames: int) -> dict:
-    """What decides the features: a work folder holds results for one set of settings only."""
-    return {"frames": num_frames, "spec": spec.to_dict()}
+def _settings(spec) -> dict:
+    """What decides the features (the extractors and the window): a work folder holds results for one only."""
+    return {"spec": spec.to_dict()}
 
 
 def _check_settings(work: Path, settings: dict) -> None:
@@ -399,10 +419,10 @@ def _check_settings(work: Path, settings: dict) -> None:
         raise ExtractError(f"{path} is unreadable; delete {work} to start over") from None
     if old == settings:
         return
-    diff = "frames per clip" if old.get("frames") != settings["frames"] else "the extractors"
-    for m in MODALITIES:
-        for key, value in settings["spec"][m].items():
-            was = old.get("spec", {}).get(m, {}).get(key)
+    diff = "the extractors"
+    for m in (*MODALITIES, "window"):  # older work folders: no window (frames spread over the clip)
+        for key, value in settings["spec"].get(m, {}).items():
+            was = (old.get("spec", {}).get(m) or {}).get(key)
             if was != value:
                 diff = f"{m} {key} is {value!r} now but {was!r} there"
                 break
@@ -472,16 +492,17 @@ def extract_dataset(cfg: ExtractConfig) -> ExtractResult:
     from tqdm.auto import tqdm
 
     from engines.extractors import ExtractorOptions, build_extractors, extractors_spec
+    from engines.window import window_for
 
     clips = read_layout(cfg)
     items = limit_per_split(clips.items, cfg.limit)
     index, count = cfg.shard
     options = cfg.options or ExtractorOptions()
     extractors = build_extractors(options)
-    spec = extractors_spec(extractors)
-    num_frames = options.vision_frames
+    window = window_for(options.vision_frames, extractors["audio"], cfg.window_s, cfg.text_horizon_s)
+    spec = replace(extractors_spec(extractors), window=window)
     work = cfg.out / ".work"
-    settings = _settings(spec, num_frames)
+    settings = _settings(spec)
     _check_settings(work, settings)
     items_dir = work / "items"
     items_dir.mkdir(parents=True, exist_ok=True)
@@ -498,7 +519,7 @@ def extract_dataset(cfg: ExtractConfig) -> ExtractResult:
     with tqdm(todo, desc=f"extract {index}/{count}" if count > 1 else "extract", unit="clip",
               disable=not cfg.progress, file=sys.stderr) as bar:
         for it in bar:
-            status, reason, warnings, feats = extract_item(it, extractors, num_frames)
+            status, reason, warnings, feats = extract_item(it, extractors, window)
             save_record(paths[it.id], it, status, reason, warnings, feats)
             skipped_now += status == "skipped"
             bar.set_postfix(skipped=skipped_now, refresh=False)
@@ -560,6 +581,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-face-crop", action="store_true", help="embed whole frames instead of the detected face")
     p.add_argument("--audio-layer", choices=("conv", "hidden"), default="conv",
                    help="conv: the feature encoder's output (paper); hidden: the transformer's last states")
+    p.add_argument("--window", type=float, default=2.56,
+                   help="seconds the window's frames span, as live (default 2.56: 10 frames, one per 0.256 s); "
+                        "recorded in the store and its checkpoints, whose live pipeline cuts the same window")
+    p.add_argument("--text-horizon", default="utterance",
+                   help="the text of the window: 'utterance' (default: the clip's whole transcript; live, the "
+                        "sentence being spoken) or SECONDS of words before the last one (word times spread over "
+                        "the clip: transcripts carry none)")
     p.add_argument("--metric-family", choices=("auto", "mosi", "sims"), default="auto",
                    help="regression metrics of the store (auto: sims for the sims layout, mosi otherwise)")
     p.add_argument("--shard", default="1/1", help="i/n: process every n-th clip starting at the i-th (1-based)")
@@ -568,16 +596,32 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def parse_text_horizon(value: str) -> float | None:
+    """--text-horizon: "utterance" -> None, else positive seconds."""
+    if value.strip().lower() == "utterance":
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ExtractError(f"--text-horizon must be 'utterance' or positive seconds, got {value!r}")
+    return seconds
+
+
 def config_from_args(args) -> ExtractConfig:
     from engines.extractors import ExtractorOptions
 
     if args.limit is not None and args.limit < 1:
         raise ExtractError(f"--limit must be at least 1, got {args.limit}")
+    if args.window <= 0:
+        raise ExtractError(f"--window must be positive seconds, got {args.window}")
     language = args.language or ("zh" if args.layout == "sims" else "en")
     options = ExtractorOptions(vision=args.vision, text=args.text, audio=args.audio, language=language,
                                face_crop=not args.no_face_crop, audio_layer=args.audio_layer)
     return ExtractConfig(layout=args.layout, root=args.root, out=args.out, labels=args.labels, folds=args.folds,
                          name=args.name, options=options, metric_family=args.metric_family,
+                         window_s=args.window, text_horizon_s=parse_text_horizon(args.text_horizon),
                          shard=parse_shard(args.shard), limit=args.limit, retry_skipped=args.retry_skipped,
                          progress=not args.no_progress)
 
