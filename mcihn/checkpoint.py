@@ -1,5 +1,7 @@
 """Checkpoints: `model.safetensors` (weights) + `config.json` (model config, head and labels, feature spec).
 
+`config.json`'s "model_type" names the fusion model ("mcihn", the default when absent, or "mcn-cl").
+
 A checkpoint is a folder. Loading it against data or extractors checks the feature spec first and names
 the modality and field that differ.
 """
@@ -17,11 +19,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mcihn.config import MCIHNConfig
+from mcihn.mcn_cl import MCNCL, MCNCLConfig
 from mcihn.model import MCIHN
 from mcihn.spec import FeatureSpec, SpecMismatchError
 
 FORMAT = "mcihn-checkpoint"
-VERSION = 1
+VERSION = 2  # 2 added "model_type"; MCIHN checkpoints are still written as version 1, which every reader loads
+MCIHN_VERSION = 1
+# model_type -> (model class, config class). A checkpoint without "model_type" is an MCIHN one.
+MODEL_TYPES: dict[str, tuple[type, type]] = {"mcihn": (MCIHN, MCIHNConfig), "mcn-cl": (MCNCL, MCNCLConfig)}
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -56,13 +62,13 @@ def _size_mismatch(err: RuntimeError) -> str:
 
 @dataclass
 class Checkpoint:
-    model: MCIHN
+    model: MCIHN | MCNCL
     spec: FeatureSpec
     metadata: dict = field(default_factory=dict)
     path: Path | None = None
 
     @property
-    def config(self) -> MCIHNConfig:
+    def config(self) -> MCIHNConfig | MCNCLConfig:
         return self.model.config
 
     def check_features(self, spec: FeatureSpec, what: str = "data", structural_only: bool = False) -> None:
@@ -76,8 +82,18 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(directory: str | Path, model: MCIHN, spec: FeatureSpec, metadata: dict | None = None) -> Path:
+def model_type_of(model: MCIHN | MCNCL) -> str:
+    """The "model_type" a checkpoint of `model` records."""
+    for name, (model_class, _) in MODEL_TYPES.items():
+        if type(model) is model_class:
+            return name
+    raise TypeError(f"cannot checkpoint a {type(model).__name__}; known models: {', '.join(MODEL_TYPES)}")
+
+
+def save_checkpoint(directory: str | Path, model: MCIHN | MCNCL, spec: FeatureSpec,
+                    metadata: dict | None = None) -> Path:
     """Write weights and config into `directory` (created). Returns the folder."""
+    model_type = model_type_of(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
@@ -86,7 +102,10 @@ def save_checkpoint(directory: str | Path, model: MCIHN, spec: FeatureSpec, meta
     os.replace(tmp, directory / WEIGHTS_FILE)
     config = {
         "format": FORMAT,
-        "version": VERSION,
+        # MCIHN checkpoints keep version 1 so older readers still load them; older readers refuse other models
+        # with "written by a newer mcihn" instead of misreading them as MCIHN.
+        "version": MCIHN_VERSION if model_type == "mcihn" else VERSION,
+        "model_type": model_type,
         "model": model.config.to_dict(),
         "head": {"type": model.config.head, "labels": list(model.config.labels)},
         "feature_spec": spec.to_dict(),
@@ -125,8 +144,13 @@ def load_checkpoint(directory: str | Path, map_location: str = "cpu") -> Checkpo
         raise CheckpointError(f"{directory} was written by a newer mcihn (version {version}); upgrade")
     if not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{config_path} has no model config (\"model\"); {_FIX}")
+    model_type = config.get("model_type", "mcihn")
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
+        raise CheckpointError(f"{config_path} has an unknown model_type {model_type!r} (known: "
+                              f"{', '.join(MODEL_TYPES)}); it was written by another version of mcihn")
+    model_class, config_class = MODEL_TYPES[model_type]
     try:
-        model = MCIHN(MCIHNConfig.from_dict(config["model"]))
+        model = model_class(config_class.from_dict(config["model"]))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{config_path} has an unusable model config ({_reason(err)}); {_FIX}") from None
     try:
