@@ -188,7 +188,8 @@ class StreamingConvFeatures:
 
     Frames sit on a grid of `hop` samples from the start of the stream: the window ends at the last whole frame,
     up to hop - 1 samples (20 ms) before the newest sample, and holds as many whole frames as the samples given do
-    (up to seq_len: 127 for the tick's 2.56 s, as `extract`). Only for GroupNorm encoders without conv bias
+    (up to seq_len: of the tick's 41,040 samples, 128 when they end on the grid, else 127, where `extract`
+    always makes 128). Only for GroupNorm encoders without conv bias
     (`supports`); one caller at a time.
     """
 
