@@ -14,7 +14,14 @@ ABLATIONS: dict[str, dict] = {
     "-TA": {"modalities": ("text", "audio")},
     "MCIHN-1": {"use_aae": False},  # no adversarial autoencoders
     "MCIHN-2": {"use_cgmm": False},  # no cross-modal gate mechanism
+    # Not an ablation of the paper: its literal reading of eqs. 12-14 and 19 (docs/model.md, departures).
+    "literal-eq12-14": {"mmd_kernel_map": "minimised", "adaptive_loss_weight": 1.0},
 }
+
+# How the MMD's kernel map xi (eq. 12) is trained: "adversarial" ascends the MMD through a gradient reversal
+# (ours); "minimised" descends it like every other parameter (the paper's literal reading, which lets xi
+# collapse towards a constant map with zero MMD).
+KERNEL_MAPS = ("adversarial", "minimised")
 
 
 @dataclass
@@ -40,6 +47,10 @@ class MCIHNConfig:
     # Loss weights. The paper sums L(Adp) and L(Mul) (eq. 19); the weight is a tuned hyper-parameter.
     adaptive_loss_weight: float = 0.1
     mmd_kernel_scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    mmd_kernel_map: str = "adversarial"  # one of KERNEL_MAPS
+    # Dropout on the fusion attention's weights (eq. 15). None: `dropout`, as before this field existed; the
+    # paper's literal reading has none (0.0).
+    fusion_attention_dropout: float | None = None
     # Training-time robustness: probability of hiding each present modality of a sample (at least one stays).
     modality_dropout: float = 0.15
 
@@ -53,6 +64,8 @@ class MCIHNConfig:
             raise ValueError(f"head must be 'regression' or 'classification', got {self.head!r}")
         if self.head == "classification" and len(self.labels) < 2:
             raise ValueError("a classification head needs at least two label names (labels=[...])")
+        if self.mmd_kernel_map not in KERNEL_MAPS:
+            raise ValueError(f"mmd_kernel_map must be one of {KERNEL_MAPS}, got {self.mmd_kernel_map!r}")
         if self.latent_dim % self.num_heads:
             raise ValueError(f"latent_dim {self.latent_dim} must be divisible by num_heads {self.num_heads}")
         for m in MODALITIES:
@@ -62,6 +75,10 @@ class MCIHNConfig:
     @property
     def num_outputs(self) -> int:
         return 1 if self.head == "regression" else len(self.labels)
+
+    @property
+    def fusion_attention_dropout_rate(self) -> float:
+        return self.dropout if self.fusion_attention_dropout is None else self.fusion_attention_dropout
 
     @classmethod
     def for_ablation(cls, name: str, **overrides) -> MCIHNConfig:
@@ -77,6 +94,8 @@ class MCIHNConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> MCIHNConfig:
+        """Fields missing from `data` (a checkpoint written before they existed) take their defaults, which
+        reproduce the behaviour of that time."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

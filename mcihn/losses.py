@@ -60,9 +60,11 @@ class AdaptiveLoss(nn.Module):
     one pair feature). Summed over cores (eq. 14's sum over v), averaged over the batch (its sum over i).
 
     xi is a learned fully connected layer. Trained to minimise the MMD it would collapse (a constant map
-    has zero MMD), so it is trained adversarially through a gradient reversal: xi seeks the features in
-    which the distributions differ most, the encoders and the gate close that gap (an MMD-GAN-style
-    learned kernel). Samples where the core or either other modality is absent are left out.
+    has zero MMD), so by default (`mmd_kernel_map="adversarial"`) it is trained adversarially through a
+    gradient reversal: xi seeks the features in which the distributions differ most, the encoders and the
+    gate close that gap (an MMD-GAN-style learned kernel). `mmd_kernel_map="minimised"` is the paper's
+    literal reading: xi descends the MMD like everything else. Samples where the core or either other
+    modality is absent are left out.
     """
 
     def __init__(self, config: MCIHNConfig):
@@ -70,10 +72,11 @@ class AdaptiveLoss(nn.Module):
         self.modalities = config.modalities
         self.scales = config.mmd_kernel_scales
         self.xi = nn.Linear(config.latent_dim, config.latent_dim)
-        # Gradient reversal for xi alone: its parameters get gradient only from this loss, so negating it
-        # makes the optimiser step ascend the MMD for xi while everything upstream descends.
-        for parameter in self.xi.parameters():
-            parameter.register_hook(torch.neg)
+        if config.mmd_kernel_map == "adversarial":
+            # Gradient reversal for xi alone: its parameters get gradient only from this loss, so negating it
+            # makes the optimiser step ascend the MMD for xi while everything upstream descends.
+            for parameter in self.xi.parameters():
+                parameter.register_hook(torch.neg)
 
     def forward(self, codes: dict[str, Tensor], pair_features: dict[str, Tensor], present: dict[str, Tensor]) -> Tensor:
         total = codes[self.modalities[0]].new_zeros(())

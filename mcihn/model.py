@@ -175,19 +175,30 @@ class CrossModalGate(nn.Module):
         self.combine = nn.ModuleDict({m: nn.Linear(2 * d, d) for m in self.modalities})
         self.gates = nn.ModuleDict({pair_name(p): nn.Linear(4 * d, d) for p in pairs(self.modalities)})
 
+    def others(self, codes: dict[str, Tensor], core: str) -> Tensor:
+        """The sum of the other modalities' codes, (B, L, d): eq. 6's keys and eq. 8's values."""
+        return sum(codes[o] for o in self.modalities if o != core)
+
+    def matching(self, codes: dict[str, Tensor], core: str) -> Tensor:
+        """Eq. 6: M^m = S^m W (sum_o S^o)^T / sqrt(d), (B, L, L)."""
+        return self.W(codes[core]) @ self.others(codes, core).transpose(-1, -2) * self.scale
+
     def transfer(self, codes: dict[str, Tensor], core: str) -> Tensor:
-        others = sum(codes[o] for o in self.modalities if o != core)
-        matching = self.W(codes[core]) @ others.transpose(-1, -2) * self.scale
-        return torch.softmax(matching, dim=-1) @ others
+        """Eqs. 7-8: A^m = softmax_rows(M^m) (sum_o S^o), (B, L, d)."""
+        return torch.softmax(self.matching(codes, core), dim=-1) @ self.others(codes, core)
+
+    def gate_activation(self, codes: dict[str, Tensor], pair: tuple[str, str]) -> Tensor:
+        """Eqs. 9-10: G^{mn} = ReLU([S^m, S^n, S^m - S^n, S^m * S^n] W_{mn} + b_{mn}), (B, L, d)."""
+        s_m, s_n = codes[pair[0]], codes[pair[1]]
+        return torch.relu(self.gates[pair_name(pair)](torch.cat([s_m, s_n, s_m - s_n, s_m * s_n], dim=-1)))
 
     def forward(self, codes: dict[str, Tensor]) -> dict[str, Tensor]:
         """codes: modality -> S (B, L, d). Returns pair name ("vision-text", ...) -> F (B, L, d)."""
         joint = {m: self.combine[m](torch.cat([self.transfer(codes, m), codes[m]], dim=-1)) for m in self.modalities}
         features = {}
         for m, n in pairs(self.modalities):
-            s_m, s_n = codes[m], codes[n]
-            gate = torch.relu(self.gates[pair_name((m, n))](torch.cat([s_m, s_n, s_m - s_n, s_m * s_n], dim=-1)))
-            features[pair_name((m, n))] = gate * joint[m] + gate * joint[n]
+            gate = self.gate_activation(codes, (m, n))
+            features[pair_name((m, n))] = gate * joint[m] + gate * joint[n]  # eq. 11
         return features
 
 
@@ -228,9 +239,9 @@ class MCIHN(nn.Module):
         self.paths = nn.ModuleDict({m: ModalityAAE(m, config) for m in self.modalities})
         self.gate = CrossModalGate(config) if config.use_cgmm else None
         # One multi-head attention per core modality: F^{m-others} (eqs. 15-16).
-        self.fusion = nn.ModuleDict(
-            {m: MultiHeadAttention(d, config.num_heads, config.dropout) for m in self.modalities}
-        )
+        attention_dropout = config.fusion_attention_dropout_rate
+        self.fusion = nn.ModuleDict({m: MultiHeadAttention(d, config.num_heads, attention_dropout)
+                                     for m in self.modalities})
         self.head_dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(d, config.num_outputs)  # eq. 17's Linear
 

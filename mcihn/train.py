@@ -30,7 +30,7 @@ from mcihn.losses import (
     task_loss,
 )
 from mcihn.metrics import compute_metrics
-from mcihn.model import MCIHN
+from mcihn.model import MCIHN, ModalityAAE
 from mcihn.spec import MODALITIES
 
 STATE_FILE = "train_state.pt"
@@ -199,28 +199,48 @@ class Trainer:
         loss.backward()
         opt.step()
 
-    def aae_phases(self, batch: Batch) -> dict[str, float]:
-        """Algorithm 1 lines 8-13 for every modality: reconstruction, then discriminator, then generator."""
-        inputs = {}
+    def aae_inputs(self, batch: Batch) -> list[tuple[ModalityAAE, Tensor, Tensor]]:
+        """Per modality (path, standardised x (B', T, D), valid (B', T)) over the samples where it is present."""
+        inputs = []
         for m in self.cfg.modalities:
             valid = self.model.valid_steps(m, len(batch.labels), batch.lengths)
             keep = valid.any(dim=1)
             if bool(keep.any()):
                 path = self.model.paths[m]
-                inputs[m] = (path, path.normalise(batch.features[m][keep], valid[keep]), valid[keep])
-        if not inputs:
-            return {}
-        rec = sum(reconstruction_loss(x, p.decoder(p.encoder(x, v)), v) for p, x, v in inputs.values())
+                inputs.append((path, path.normalise(batch.features[m][keep], valid[keep]), valid[keep]))
+        return inputs
+
+    def reconstruction_phase(self, inputs: list[tuple[ModalityAAE, Tensor, Tensor]]) -> float:
+        """Algorithm 1 lines 9-12: encoders and decoders descend eq. 4, summed over modalities."""
+        rec = sum(reconstruction_loss(x, p.decoder(p.encoder(x, v)), v) for p, x, v in inputs)
         self._step("reconstruction", rec)
+        return rec.item()
+
+    def discriminator_phase(self, inputs: list[tuple[ModalityAAE, Tensor, Tensor]]) -> float:
+        """Algorithm 1 line 13, first half: the discriminators learn prior samples (real) from codes (fake)."""
         disc = 0
-        for p, x, v in inputs.values():
+        for p, x, v in inputs:
             with torch.no_grad():
                 code = p.encoder(x, v)
             disc = disc + discriminator_loss(p.discriminator(torch.randn_like(code)), p.discriminator(code))
         self._step("discriminator", disc)
-        gen = sum(generator_loss(p.discriminator(p.encoder(x, v))) for p, x, v in inputs.values())
+        return disc.item()
+
+    def generator_phase(self, inputs: list[tuple[ModalityAAE, Tensor, Tensor]]) -> float:
+        """Algorithm 1 line 13, second half: the encoders make their codes pass the fixed discriminators."""
+        gen = sum(generator_loss(p.discriminator(p.encoder(x, v))) for p, x, v in inputs)
         self._step("generator", gen)
-        return {"reconstruction": rec.item(), "discriminator": disc.item(), "generator": gen.item()}
+        return gen.item()
+
+    def aae_phases(self, batch: Batch) -> dict[str, float]:
+        """Algorithm 1 lines 8-13 for every modality: reconstruction, then discriminator, then generator."""
+        inputs = self.aae_inputs(batch)
+        if not inputs:
+            return {}
+        losses = {"reconstruction": self.reconstruction_phase(inputs)}
+        losses["discriminator"] = self.discriminator_phase(inputs)
+        losses["generator"] = self.generator_phase(inputs)
+        return losses
 
     def joint_phase(self, batch: Batch) -> dict[str, float]:
         """Algorithm 1 lines 14-23: CGMM, FFM, L(Combined) = L(Mul) + lambda * L(Adp)."""
@@ -316,7 +336,8 @@ class Trainer:
 
     def load_state(self) -> None:
         state = torch.load(self.run_dir / STATE_FILE, weights_only=True, map_location=self.device)
-        if json.loads(state["model_config"]) != self.cfg.to_dict():
+        # Through from_dict, so a state saved before a config field existed matches that field's default.
+        if MCIHNConfig.from_dict(json.loads(state["model_config"])).to_dict() != self.cfg.to_dict():
             raise DataError(f"{self.run_dir / STATE_FILE} belongs to a run with another model config; "
                              f"use a new --out folder or delete it to start over")
         self.model.load_state_dict(state["model"])

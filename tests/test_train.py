@@ -12,7 +12,7 @@ import torch
 from mcihn.config import MCIHNConfig
 from mcihn.data import FeatureSet, FeatureSplit, save_feature_store, spec_from_split
 from mcihn.spec import MODALITIES
-from mcihn.train import TrainConfig, Trainer, config_for_data, drop_modalities, evaluate
+from mcihn.train import STATE_FILE, TrainConfig, Trainer, config_for_data, drop_modalities, evaluate
 from tools.cli import main
 
 DIMS = {"vision": (3, 6), "text": (4, 8), "audio": (5, 5)}  # (T, D)
@@ -85,6 +85,23 @@ def test_resume_refuses_other_config(tmp_path):
     Trainer(data, tiny(data), TrainConfig(seed=0, epochs=1, progress=False), tmp_path).fit()
     with pytest.raises(ValueError, match="another model config"):
         Trainer(data, tiny(data, dropout=0.3), TrainConfig(seed=0, epochs=2, progress=False), tmp_path).fit()
+
+
+def test_resume_accepts_a_state_saved_before_newer_config_fields(tmp_path):
+    """A run folder from before mmd_kernel_map / fusion_attention_dropout existed resumes (their defaults are the
+    behaviour of that time)."""
+    data = synthetic_set()
+    Trainer(data, tiny(data), TrainConfig(seed=0, epochs=1, progress=False), tmp_path).save_state()
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    old_config = json.loads(state["model_config"])
+    for new_field in ("mmd_kernel_map", "fusion_attention_dropout"):
+        del old_config[new_field]
+    state["model_config"] = json.dumps(old_config)
+    torch.save(state, tmp_path / STATE_FILE)
+    Trainer(data, tiny(data), TrainConfig(seed=0, epochs=1, progress=False), tmp_path).load_state()
+    with pytest.raises(ValueError, match="another model config"):
+        Trainer(data, tiny(data, mmd_kernel_map="minimised"), TrainConfig(seed=0, epochs=1, progress=False),
+                tmp_path).load_state()
 
 
 def test_modality_dropout_keeps_one_modality():

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="runs/mcihn", help="run folder (resumed if it exists)")
     train.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1); reports mean and std")
     train.add_argument("--ablation", default="full", choices=list(ABLATIONS),
-                       help="full | -VT | -VA | -TA | MCIHN-1 | MCIHN-2")
+                       help=" | ".join(ABLATIONS) + " (literal-eq12-14: the paper's literal eqs. 12-14 and 19, "
+                            "docs/model.md)")
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--patience", type=int, default=5)
     train.add_argument("--batch-size", type=int, default=32)
