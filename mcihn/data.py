@@ -203,6 +203,57 @@ def _validate_split(fs: FeatureSet, name: str, split: FeatureSplit) -> None:
             )
 
 
+# ----------------------------------------------------------------------------------------------------
+# Sentiment as classes
+
+# MOSI-family sentiment ([-3, 3]) binned into classes, as MMSA's Acc-2 and Acc-7 bin it (mcihn/metrics.py), so a
+# classifier (MCN-CL) can train on it and its accuracy is those metrics. target -> class names.
+SENTIMENT_TARGETS: dict[str, list[str]] = {
+    "acc2-non0": ["negative", "positive"],  # y < 0 vs y > 0; samples labelled exactly 0 are dropped
+    "acc2-has0": ["negative", "non-negative"],  # y < 0 vs y >= 0; every sample kept
+    "acc7": ["-3", "-2", "-1", "0", "1", "2", "3"],  # round(clip(y, -3, 3)), half to even as Acc-7
+}
+
+
+def _sentiment_class(labels: np.ndarray, target: str) -> np.ndarray:
+    """(N,) int64 class indices of (N,) sentiment values for `target` (acc2-non0 maps 0 to 1; callers drop it)."""
+    if target == "acc7":
+        # The same expression as metrics' Acc-7 on the same dtype, so class and metric agree on every tie.
+        return (np.round(np.clip(labels, -3.0, 3.0)) + 3).astype(np.int64)
+    return (labels >= 0).astype(np.int64)
+
+
+def _subset(split: FeatureSplit, keep: np.ndarray) -> FeatureSplit:
+    texts = None if split.texts is None else [t for t, k in zip(split.texts, keep, strict=True) if k]
+    return FeatureSplit({m: f[keep] for m, f in split.features.items()},
+                        {m: n[keep] for m, n in split.lengths.items()}, split.labels[keep],
+                        [i for i, k in zip(split.ids, keep, strict=True) if k], texts)
+
+
+def sentiment_classes(fs: FeatureSet, target: str) -> FeatureSet:
+    """`fs` (MOSI-family regression: CMU-MOSI, MOSEI) with its sentiment binned into the classes of `target`
+    (SENTIMENT_TARGETS), so classifiers train on it; `extra["target"]` records the target. DataError for other
+    data (classification sets already have classes; CH-SIMS's [-1, 1] scale has other bins)."""
+    if target not in SENTIMENT_TARGETS:
+        raise DataError(f"unknown --target {target!r}; use one of {', '.join(SENTIMENT_TARGETS)}")
+    if fs.task != "regression" or fs.metric_family != "mosi":
+        kind = fs.task if fs.task != "regression" else f"{fs.metric_family} regression"
+        raise DataError(f"--target {target} bins MOSI-family sentiment in [-3, 3]; dataset {fs.name!r} is {kind} "
+                        f"data: drop --target")
+    splits, extra = {}, {k: v for k, v in fs.extra.items() if not (isinstance(v, dict) and _is_split_arrays(v))}
+    for name, split in fs.splits.items():
+        keep = split.labels != 0 if target == "acc2-non0" else np.ones(len(split), dtype=bool)
+        sub = _subset(split, keep)
+        sub.labels = _sentiment_class(sub.labels, target)
+        splits[name] = sub
+        for key, value in fs.extra.items():  # per-sample extras follow their samples
+            if isinstance(value, dict) and _is_split_arrays(value):
+                extra.setdefault(key, {})[name] = np.asarray(value[name])[keep]
+    binned = FeatureSet(f"{fs.name}-{target}", splits, fs.spec, "classification", list(SENTIMENT_TARGETS[target]),
+                        fs.metric_family, extra | {"target": target})
+    return validate_feature_set(binned)
+
+
 def _check_finite(values: np.ndarray, what: str, ids: list[str]) -> None:
     """values: (N, K). Raise DataError counting the NaN/inf values and the samples holding them."""
     finite = np.isfinite(values)

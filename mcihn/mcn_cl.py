@@ -32,6 +32,15 @@ from mcihn.spec import MODALITIES
 # Configuration
 # ---------------------------------------------------------------------------------------------------------
 
+# Ablations by name (`mcihn train --model mcn-cl --ablation NAME`): each turns off one of the parts the abstract
+# names. Ours: the paper's ablation table is not available.
+ABLATIONS: dict[str, dict] = {
+    "full": {},
+    "no-psa": {"use_psa": False},  # vision gets only projection + positions
+    "no-contrastive": {"use_contrastive": False},  # cross-entropy alone, no projection heads
+    "no-mining": {"hard_negative_mining": False},  # SupCon over every negative
+}
+
 
 @dataclass
 class MCNCLConfig:
@@ -94,6 +103,12 @@ class MCNCLConfig:
     @property
     def num_outputs(self) -> int:
         return len(self.labels)
+
+    @classmethod
+    def for_ablation(cls, name: str, **overrides) -> MCNCLConfig:
+        if name not in ABLATIONS:
+            raise ValueError(f"unknown MCN-CL ablation {name!r}; choose one of {', '.join(ABLATIONS)}")
+        return cls(**{**ABLATIONS[name], **overrides})
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -1,8 +1,12 @@
-"""Training MCIHN with Algorithm 1 of the paper, early stopping on validation, resumable runs.
+"""Training MCIHN with Algorithm 1 of the paper, or MCN-CL, early stopping on validation, resumable runs.
 
-Each batch runs the paper's phases in order: (1) reconstruction: update encoders and decoders on eq. 4;
+MCIHN: each batch runs the paper's phases in order: (1) reconstruction: update encoders and decoders on eq. 4;
 (2) regularisation: update the discriminators on eq. 5, then the encoders against them; (3) joint: update
 everything on L(Mul) + lambda * L(Adp) (eq. 19). Without the AAE (MCIHN-1) only phase 3 runs.
+
+MCN-CL (mcihn/mcn_cl.py): only the joint step, one Adam over every parameter on cross-entropy + the weighted
+supervised contrastive loss (`MCNCL.training_loss`). Seeds, modality dropout, early stopping, learning-rate
+halving and resuming are the same machinery for both.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from tqdm.auto import tqdm
 
 from mcihn.checkpoint import save_checkpoint
 from mcihn.config import MCIHNConfig
-from mcihn.data import DataError, FeatureSet, FeatureSplit
+from mcihn.data import SENTIMENT_TARGETS, DataError, FeatureSet, FeatureSplit
 from mcihn.losses import (
     AdaptiveLoss,
     discriminator_loss,
@@ -29,6 +33,7 @@ from mcihn.losses import (
     reconstruction_loss,
     task_loss,
 )
+from mcihn.mcn_cl import MCNCL, MCNCLConfig
 from mcihn.metrics import compute_metrics
 from mcihn.model import MCIHN, ModalityAAE
 from mcihn.spec import MODALITIES
@@ -84,8 +89,11 @@ class SplitTensors:
             yield self.batch(order[start : start + batch_size].to(self.labels.device))
 
 
-def config_for_data(data: FeatureSet, base: MCIHNConfig | None = None, **overrides) -> MCIHNConfig:
-    """A model config whose input dims, sequence lengths and head fit `data`."""
+def config_for_data(data: FeatureSet, base: MCIHNConfig | MCNCLConfig | None = None,
+                    **overrides) -> MCIHNConfig | MCNCLConfig:
+    """A model config whose input dims, sequence lengths and head fit `data`; of `base`'s model (MCIHN when None)."""
+    if isinstance(base, MCNCLConfig):
+        return _mcn_cl_config_for_data(data, base, **overrides)
     base_dict = (base or MCIHNConfig()).to_dict()
     base_dict["input_dims"] = {m: data.spec[m].dim for m in MODALITIES}
     base_dict["seq_lens"] = {m: data.spec[m].seq_len for m in MODALITIES}
@@ -93,6 +101,20 @@ def config_for_data(data: FeatureSet, base: MCIHNConfig | None = None, **overrid
     base_dict["labels"] = list(data.label_names or []) if data.task == "classification" else []
     base_dict.update(overrides)
     return MCIHNConfig.from_dict(base_dict)
+
+
+def _mcn_cl_config_for_data(data: FeatureSet, base: MCNCLConfig, **overrides) -> MCNCLConfig:
+    """MCN-CL's config for `data`: it only classifies (its contrastive loss needs classes), so regression data is
+    refused, naming the targets that bin MOSI-family sentiment into classes."""
+    if data.task != "classification":
+        raise DataError(f"MCN-CL classifies, and dataset {data.name!r} is {data.task}: pass --target "
+                        f"{'|'.join(SENTIMENT_TARGETS)} to bin its sentiment into classes, or use --model mcihn")
+    base_dict = base.to_dict()
+    base_dict["input_dims"] = {m: data.spec[m].dim for m in MODALITIES}
+    base_dict["seq_lens"] = {m: data.spec[m].seq_len for m in MODALITIES}
+    base_dict["labels"] = list(data.label_names or [])
+    base_dict.update(overrides)
+    return MCNCLConfig.from_dict(base_dict)
 
 
 def feature_stats(split: FeatureSplit, modality: str) -> tuple[Tensor, Tensor]:
@@ -133,7 +155,7 @@ def drop_modalities(lengths: Tensor, probability: float, modalities: tuple[str, 
 
 
 @torch.no_grad()
-def predict(model: MCIHN, split: FeatureSplit | SplitTensors, batch_size: int = 256) -> np.ndarray:
+def predict(model: MCIHN | MCNCL, split: FeatureSplit | SplitTensors, batch_size: int = 256) -> np.ndarray:
     """Predictions for a split: (N,) values (regression) or (N, C) softmax scores (classification)."""
     model.eval()
     device = next(model.parameters()).device
@@ -143,7 +165,8 @@ def predict(model: MCIHN, split: FeatureSplit | SplitTensors, batch_size: int = 
     return torch.cat(outputs).cpu().numpy()
 
 
-def evaluate(model: MCIHN, data: FeatureSet, split: str, tensors: SplitTensors | None = None) -> dict[str, float]:
+def evaluate(model: MCIHN | MCNCL, data: FeatureSet, split: str,
+             tensors: SplitTensors | None = None) -> dict[str, float]:
     """Metrics of `model` on one split of `data` (MMSA definitions, see metrics.py)."""
     scores = predict(model, tensors if tensors is not None else data[split])
     labels = np.asarray(data[split].labels)
@@ -153,43 +176,60 @@ def evaluate(model: MCIHN, data: FeatureSet, split: str, tensors: SplitTensors |
 
 
 class Trainer:
-    """Trains one model on one seed; `fit` is resumable from `run_dir/train_state.pt`."""
+    """Trains one model (MCIHN, or MCN-CL for an MCNCLConfig) on one seed; `fit` is resumable from
+    `run_dir/train_state.pt`."""
 
-    def __init__(self, data: FeatureSet, model_config: MCIHNConfig, train_config: TrainConfig, run_dir: str | Path):
+    def __init__(self, data: FeatureSet, model_config: MCIHNConfig | MCNCLConfig, train_config: TrainConfig,
+                 run_dir: str | Path):
         self.data, self.cfg, self.tc = data, model_config, train_config
         self.run_dir = Path(run_dir)
         self.device = torch.device(train_config.device)
+        self.is_mcn_cl = isinstance(model_config, MCNCLConfig)
         torch.manual_seed(train_config.seed)
-        self.model = MCIHN(model_config).to(self.device)
+        self.model = (MCNCL if self.is_mcn_cl else MCIHN)(model_config).to(self.device)
         for m in model_config.modalities:
             mean, std = feature_stats(data["train"], m)
             self.model.set_feature_stats(m, mean.to(self.device), std.to(self.device))
-        self.adaptive = AdaptiveLoss(model_config).to(self.device)
+        # MCIHN's adaptive loss (eq. 12-14) has parameters of its own; MCN-CL has no such loss.
+        self.adaptive = None if self.is_mcn_cl else AdaptiveLoss(model_config).to(self.device)
         self.class_weight = class_weights(data, train_config.class_weights, self.device)
         self.train_tensors = SplitTensors(data["train"], self.device)
         self.valid_tensors = SplitTensors(data["valid"], self.device)
         self.generator = torch.Generator().manual_seed(train_config.seed)
-        paths = [self.model.paths[m] for m in model_config.modalities]
-        encoders = [p for path in paths for p in path.encoder.parameters()]
-        # The fused kernel is several times faster on CPU for these many small parameter tensors.
-        adam = lambda params: torch.optim.Adam(params, lr=train_config.lr, fused=True)  # noqa: E731
-        aux_ids = set()
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        if model_config.use_aae:
-            decoders = [p for path in paths for p in path.decoder.parameters()]
-            discriminators = [p for path in paths for p in path.discriminator.parameters()]
-            aux_ids = {id(p) for p in decoders + discriminators}
-            self.optimizers["reconstruction"] = adam(encoders + decoders)
-            self.optimizers["discriminator"] = adam(discriminators)
-            self.optimizers["generator"] = adam(encoders)
-        joint = [p for p in self.model.parameters() if id(p) not in aux_ids] + list(self.adaptive.parameters())
-        self.optimizers["joint"] = adam(joint)
+        self.optimizers = self._mcn_cl_optimizers() if self.is_mcn_cl else self._mcihn_optimizers()
         self.epoch = 0
         self.lr_scale = 1.0
         self.best_score = math.inf
         self.best_epoch = -1
         self.best_state: dict[str, Tensor] | None = None
         self.history: list[dict] = []
+
+    def _adam(self, params: list[Tensor]) -> torch.optim.Optimizer:
+        # The fused kernel is several times faster on CPU for these many small parameter tensors.
+        return torch.optim.Adam(params, lr=self.tc.lr, fused=True)
+
+    def _mcn_cl_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """One Adam over every parameter: MCN-CL has a single loss and no adversarial players."""
+        return {"joint": self._adam(list(self.model.parameters()))}
+
+    def _mcihn_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Algorithm 1's optimisers: one per AAE phase (with the AAE) and the joint one."""
+        model_config = self.cfg
+        paths = [self.model.paths[m] for m in model_config.modalities]
+        encoders = [p for path in paths for p in path.encoder.parameters()]
+        adam = self._adam
+        aux_ids = set()
+        optimizers: dict[str, torch.optim.Optimizer] = {}
+        if model_config.use_aae:
+            decoders = [p for path in paths for p in path.decoder.parameters()]
+            discriminators = [p for path in paths for p in path.discriminator.parameters()]
+            aux_ids = {id(p) for p in decoders + discriminators}
+            optimizers["reconstruction"] = adam(encoders + decoders)
+            optimizers["discriminator"] = adam(discriminators)
+            optimizers["generator"] = adam(encoders)
+        joint = [p for p in self.model.parameters() if id(p) not in aux_ids] + list(self.adaptive.parameters())
+        optimizers["joint"] = adam(joint)
+        return optimizers
 
     # -- one batch -----------------------------------------------------------------------------------------
 
@@ -243,13 +283,24 @@ class Trainer:
         return losses
 
     def joint_phase(self, batch: Batch) -> dict[str, float]:
-        """Algorithm 1 lines 14-23: CGMM, FFM, L(Combined) = L(Mul) + lambda * L(Adp)."""
+        """Algorithm 1 lines 14-23: CGMM, FFM, L(Combined) = L(Mul) + lambda * L(Adp). MCN-CL: its own loss."""
+        if self.is_mcn_cl:
+            return self.mcn_cl_phase(batch)
         lengths = drop_modalities(batch.lengths, self.cfg.modality_dropout, self.cfg.modalities)
         out = self.model.forward_train(batch.features, lengths)
         mul = task_loss(out.prediction, batch.labels, self.cfg.head, self.class_weight)
         adp = self.adaptive(out.codes, out.pair_features, out.present) if self.cfg.use_cgmm else mul.new_zeros(())
         self._step("joint", mul + self.cfg.adaptive_loss_weight * adp)
         return {"task": mul.item(), "adaptive": adp.item()}
+
+    def mcn_cl_phase(self, batch: Batch) -> dict[str, float]:
+        """MCN-CL's one step: cross-entropy + contrastive_weight * the supervised contrastive loss, with the same
+        modality dropout as MCIHN (so absent modalities, masked by the missing token, are seen in training)."""
+        lengths = drop_modalities(batch.lengths, self.cfg.modality_dropout, self.cfg.modalities)
+        out = self.model.forward_train(batch.features, lengths)
+        loss, parts = self.model.training_loss(out, batch.labels, self.class_weight)
+        self._step("joint", loss)
+        return parts
 
     # -- epochs --------------------------------------------------------------------------------------------
 
@@ -258,7 +309,7 @@ class Trainer:
         sums: dict[str, float] = {}
         count = 0
         for batch in self.train_tensors.batches(self.tc.batch_size, self.generator):
-            losses = self.aae_phases(batch) if self.cfg.use_aae else {}
+            losses = self.aae_phases(batch) if not self.is_mcn_cl and self.cfg.use_aae else {}
             losses.update(self.joint_phase(batch))
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -271,7 +322,7 @@ class Trainer:
         score = metrics["MAE"] if self.cfg.head == "regression" else 1.0 - metrics["F1 (weighted)"]
         return score, metrics
 
-    def fit(self, resume: bool = True) -> MCIHN:
+    def fit(self, resume: bool = True) -> MCIHN | MCNCL:
         """Train until early stopping; returns the model with the best validation weights loaded."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume and (self.run_dir / STATE_FILE).exists():
@@ -322,7 +373,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "best_state": self.best_state,
             "model": self.model.state_dict(),
-            "adaptive": self.adaptive.state_dict(),
+            **({} if self.adaptive is None else {"adaptive": self.adaptive.state_dict()}),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "torch_rng": torch.get_rng_state(),
             "generator": self.generator.get_state(),
@@ -337,11 +388,12 @@ class Trainer:
     def load_state(self) -> None:
         state = torch.load(self.run_dir / STATE_FILE, weights_only=True, map_location=self.device)
         # Through from_dict, so a state saved before a config field existed matches that field's default.
-        if MCIHNConfig.from_dict(json.loads(state["model_config"])).to_dict() != self.cfg.to_dict():
+        if self._saved_config(state) != self.cfg.to_dict():
             raise DataError(f"{self.run_dir / STATE_FILE} belongs to a run with another model config; "
                              f"use a new --out folder or delete it to start over")
         self.model.load_state_dict(state["model"])
-        self.adaptive.load_state_dict(state["adaptive"])
+        if self.adaptive is not None:
+            self.adaptive.load_state_dict(state["adaptive"])
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
         torch.set_rng_state(state["torch_rng"])
@@ -351,7 +403,18 @@ class Trainer:
         self.set_lr_scale(state["lr_scale"])
         self.history = json.loads(state["history"])
 
+    def _saved_config(self, state: dict) -> dict | None:
+        """The saved run's model config as this run's config class reads it (through from_dict, so a state saved
+        before a field existed matches that field's default); None when it is another model's (an MCIHN state
+        under --model mcn-cl, or the other way round: from_dict refuses the other's fields)."""
+        try:
+            return type(self.cfg).from_dict(json.loads(state["model_config"])).to_dict()
+        except (TypeError, ValueError):
+            return None
+
     def save(self, directory: str | Path, metrics: dict | None = None) -> Path:
         meta = {"train": asdict(self.tc), "best_epoch": self.best_epoch, "dataset": self.data.name,
                 "metric_family": self.data.metric_family, "metrics": metrics or {}}
+        if "target" in self.data.extra:  # sentiment binned into classes: eval bins its data the same way
+            meta["target"] = self.data.extra["target"]
         return save_checkpoint(directory, self.model, self.data.spec, meta)

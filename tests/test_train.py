@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mcihn.config import MCIHNConfig
-from mcihn.data import FeatureSet, FeatureSplit, save_feature_store, spec_from_split
+from mcihn.data import DataError, FeatureSet, FeatureSplit, save_feature_store, sentiment_classes, spec_from_split
+from mcihn.mcn_cl import MCNCL, MCNCLConfig
 from mcihn.spec import MODALITIES
 from mcihn.train import STATE_FILE, TrainConfig, Trainer, config_for_data, drop_modalities, evaluate
 from tools.cli import main
@@ -162,3 +163,132 @@ def test_mosi_one_epoch_learns(tmp_path):
     model = Trainer(data, cfg, TrainConfig(seed=0, epochs=2, progress=False), tmp_path).fit()
     metrics = evaluate(model, data, "test")
     assert metrics["MAE"] < 1.2 and metrics["Acc-2 (non0)"] > 0.8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MCN-CL through the same machinery (`mcihn train --model mcn-cl`)
+# ---------------------------------------------------------------------------------------------------------
+
+CLASSES = ["low", "mid", "high"]
+
+
+def synthetic_classes() -> FeatureSet:
+    """synthetic_set's regression labels binned into three classes (low < -1 <= mid <= 1 < high)."""
+    splits = {}
+    for name, split in synthetic_set().splits.items():
+        labels = np.digitize(split.labels, [-1.0, 1.0 + 1e-6]).astype(np.int64)
+        splits[name] = FeatureSplit(split.features, split.lengths, labels, split.ids)
+    return FeatureSet("synthetic-classes", splits, spec_from_split(splits["train"]), "classification", CLASSES)
+
+
+def tiny_mcn_cl(data: FeatureSet, **overrides) -> MCNCLConfig:
+    sizes = {"d_model": 8, "num_heads": 2, "num_layers": 1, "psa_kernels": (1, 3), "projection_dim": 4,
+             "hard_negatives": 2, "dropout": 0.1}
+    return config_for_data(data, MCNCLConfig(**{**sizes, **overrides}))
+
+
+def test_mcn_cl_trains_with_one_optimizer_and_no_aae(tmp_path):
+    data = synthetic_classes()
+    cfg = tiny_mcn_cl(data)
+    assert cfg.input_dims == {m: d for m, (_, d) in DIMS.items()} and cfg.labels == CLASSES
+    trainer = Trainer(data, cfg, TrainConfig(seed=0, epochs=2, progress=False), tmp_path)
+    assert isinstance(trainer.fit(), MCNCL)
+    assert list(trainer.optimizers) == ["joint"] and trainer.adaptive is None
+    # The one Adam holds every parameter once: nothing is left untrained, nothing stepped twice.
+    held = [id(p) for g in trainer.optimizers["joint"].param_groups for p in g["params"]]
+    assert sorted(held) == sorted(id(p) for p in trainer.model.parameters())
+    assert set(trainer.history[-1]) >= {"task", "contrastive"}
+    assert not {"reconstruction", "discriminator", "generator", "adaptive"} & set(trainer.history[-1])
+    assert trainer.history[-1]["contrastive"] > 0
+    assert "adaptive" not in torch.load(tmp_path / STATE_FILE, weights_only=True)
+    assert set(evaluate(trainer.model, data, "test")) >= {"Acc", "F1 (weighted)"}
+
+
+def test_mcn_cl_deterministic_and_resumable(tmp_path):
+    data = synthetic_classes()
+    config = TrainConfig(seed=2, epochs=4, patience=10, progress=False)
+    straight = _weights(Trainer(data, tiny_mcn_cl(data), config, tmp_path / "a").fit())
+    Trainer(data, tiny_mcn_cl(data), TrainConfig(seed=2, epochs=2, patience=10, progress=False), tmp_path / "b").fit()
+    resumed = Trainer(data, tiny_mcn_cl(data), config, tmp_path / "b")
+    resumed_weights = _weights(resumed.fit())
+    assert resumed.epoch == 4 and len(resumed.history) == 4
+    assert all(torch.equal(straight[k], resumed_weights[k]) for k in straight)
+    # An MCIHN run folder is not resumed as MCN-CL (nor the other way round).
+    with pytest.raises(ValueError, match="another model config"):
+        Trainer(data, tiny(data), TrainConfig(seed=2, epochs=5, progress=False), tmp_path / "b").fit()
+
+
+def test_mcn_cl_refuses_regression_data():
+    with pytest.raises(DataError, match="MCN-CL classifies.*--target acc2-non0"):
+        tiny_mcn_cl(synthetic_set())
+
+
+def test_sentiment_classes_bin_as_the_mosi_metrics_do():
+    data = synthetic_set()
+    values = np.array([-3.2, -0.5, 0.0, 0.5, 1.5, 2.5, 3.4], dtype=np.float32)
+    data.splits["test"].labels[: len(values)] = values
+    n = len(data["test"])
+    acc7 = sentiment_classes(data, "acc7")
+    assert acc7.task == "classification" and acc7.label_names == ["-3", "-2", "-1", "0", "1", "2", "3"]
+    # np.round halves to even (0.5 -> 0, 1.5 -> 2, 2.5 -> 2), as metrics' Acc-7.
+    assert acc7["test"].labels[: len(values)].tolist() == [0, 3, 3, 3, 5, 5, 6]
+    assert sentiment_classes(data, "acc2-has0")["test"].labels[: len(values)].tolist() == [0, 0, 1, 1, 1, 1, 1]
+    non0 = sentiment_classes(data, "acc2-non0")
+    assert len(non0["test"]) == n - 1 and "s2_2" not in non0["test"].ids  # the sample labelled exactly 0
+    assert non0["test"].labels[:6].tolist() == [0, 0, 1, 1, 1, 1]
+    assert non0.extra["target"] == "acc2-non0"
+    with pytest.raises(DataError, match="drop --target"):
+        sentiment_classes(synthetic_classes(), "acc7")
+
+
+def test_cli_train_mcn_cl_then_eval(tmp_path, capsys):
+    store = save_feature_store(synthetic_classes(), tmp_path / "store")
+    out = tmp_path / "run"
+    args = ["train", "--model", "mcn-cl", "--data", str(store), "--out", str(out), "--epochs", "2",
+            "--preset", "small", "--ablation", "no-mining"]
+    assert main(args) == 0
+    assert "MCN-CL no-mining (1 seeds, test)" in capsys.readouterr().out
+    stored = json.loads((out / "seed_0" / "config.json").read_text())
+    assert stored["model_type"] == "mcn-cl" and stored["head"]["labels"] == CLASSES
+    assert stored["model"]["hard_negative_mining"] is False and stored["model"]["d_model"] == 64
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model_type"] == "mcn-cl" and summary["runs"][0]["best_epoch"] in (0, 1)
+
+    assert main(["eval", "--checkpoint", str(out), "--data", str(store), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["models"] == ["MCN-CL"]
+    assert report["runs"][0]["F1 (weighted)"] == pytest.approx(summary["runs"][0]["test"]["F1 (weighted)"])
+    assert main(["eval", "--checkpoint", str(out), "--data", str(store)]) == 0
+    assert "MCN-CL run (1 ckpt, test)" in capsys.readouterr().out
+
+    # Rerunning resumes: nothing left to train, the same checkpoint.
+    assert main(args) == 0
+    assert json.loads((out / "summary.json").read_text())["runs"][0]["test"] == summary["runs"][0]["test"]
+
+
+def test_cli_mcn_cl_faults_are_one_line(tmp_path, capsys):
+    classes = save_feature_store(synthetic_classes(), tmp_path / "classes")
+    regression = save_feature_store(synthetic_set(), tmp_path / "regression")
+    for args, expected in (
+        (["--data", str(regression)], "--target"),  # regression data: MCN-CL needs classes
+        (["--data", str(classes), "--ablation", "MCIHN-1"], "not one of MCN-CL's"),
+        (["--data", str(classes), "--target", "acc7"], "drop --target"),
+    ):
+        assert main(["train", "--model", "mcn-cl", "--out", str(tmp_path / "r"), "--epochs", "1", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+
+
+def test_cli_mcn_cl_on_binned_sentiment(tmp_path, capsys):
+    """--target bins MOSI-family sentiment; eval takes the checkpoint's target, and refuses a classifier on
+    regression values when told another one."""
+    store = save_feature_store(synthetic_set(), tmp_path / "store")
+    out = tmp_path / "run"
+    assert main(["train", "--model", "mcn-cl", "--target", "acc2-has0", "--data", str(store), "--out", str(out),
+                 "--epochs", "1", "--preset", "small", "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert json.loads((out / "seed_0" / "config.json").read_text())["metadata"]["target"] == "acc2-has0"
+    assert main(["eval", "--checkpoint", str(out), "--data", str(store), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mean_std"]["Acc"][0] == pytest.approx(trained["Acc"][0])
+    assert main(["eval", "--checkpoint", str(out), "--data", str(store), "--target", "acc7"]) == 2
+    assert "predicts classes" in capsys.readouterr().err

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tools import bench, bench_models, build, compare, download, extract, extract_text
+from tools import UsageError, bench, bench_models, build, compare, download, extract, extract_text
 
 EXAMPLES = """examples:
   mcihn train --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --out runs/mosi --seeds 5
   mcihn eval --checkpoint runs/mosi --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --json
   mcihn baseline --data ../shared/data/cmu-mosi/mosi_utterance_features.npz
   mcihn train --data MOSI/Processed/unaligned_50.pkl --allow-pickle --out runs/mmsa   # runs pickle code!
+  mcihn train --model mcn-cl --data runs/meld-features --out runs/meld-mcn-cl --seeds 5
+  mcihn train --model mcn-cl --target acc7 --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --out runs/mosi7
   mcihn demo
 """
 
@@ -28,6 +30,11 @@ UTTERANCE_PRESET = {"latent_len": 4, "latent_dim": 128, "num_heads": 4}
 # A small model for shipping (~0.35M parameters, < 2 MB as safetensors): the starter's text emotion expert.
 SMALL_PRESET = {"latent_len": 8, "latent_dim": 64, "num_heads": 4}
 PRESETS = {"paper": {}, "utterance": UTTERANCE_PRESET, "small": SMALL_PRESET}
+# MCN-CL's: the paper gives no sizes, so "paper" and "utterance" are MCNCLConfig's defaults (already small:
+# d_model 128, ~1.2 M parameters); "small" halves d_model for shipping.
+MCN_CL_PRESETS = {"paper": {}, "utterance": {}, "small": {"d_model": 64, "num_heads": 4, "projection_dim": 32}}
+# --model -> the name tables and summaries give it.
+MODEL_NAMES = {"mcihn": "MCIHN", "mcn-cl": "MCN-CL"}
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -36,30 +43,43 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", help="auto | mosi-npz | mmsa-pickle | store")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading MMSA pickles (unpickling runs code from the file: only for files you trust)")
+    p.add_argument("--target", default=None, choices=("acc2-non0", "acc2-has0", "acc7"),
+                   help="MOSI-family sentiment as classes: acc2-non0 (negative/positive, label-0 samples dropped), "
+                        "acc2-has0 (negative/non-negative), acc7 (round(clip(y, -3, 3))); needed by --model mcn-cl "
+                        "on CMU-MOSI/MOSEI. eval takes a checkpoint's own target when not given")
+
+
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mcihn", choices=list(MODEL_NAMES),
+                   help="the fusion model: mcihn (default) | mcn-cl (classification data only; docs/mcn_cl.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from mcihn.config import ABLATIONS
+    from mcihn.mcn_cl import ABLATIONS as MCN_CL_ABLATIONS
 
+    ablations = list(ABLATIONS) + [a for a in MCN_CL_ABLATIONS if a not in ABLATIONS]
     parser = argparse.ArgumentParser(prog="mcihn", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train MCIHN (one or more seeds)", epilog=EXAMPLES,
+    train = sub.add_parser("train", help="train MCIHN or MCN-CL (one or more seeds)", epilog=EXAMPLES,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_data_args(train)
+    _add_model_arg(train)
     train.add_argument("--out", default="runs/mcihn", help="run folder (resumed if it exists)")
     train.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1); reports mean and std")
-    train.add_argument("--ablation", default="full", choices=list(ABLATIONS),
-                       help=" | ".join(ABLATIONS) + " (literal-eq12-14: the paper's literal eqs. 12-14 and 19, "
-                            "docs/model.md)")
+    train.add_argument("--ablation", default="full", choices=ablations,
+                       help="MCIHN: " + " | ".join(ABLATIONS) + " (literal-eq12-14: the paper's literal eqs. 12-14 "
+                            "and 19, docs/model.md); MCN-CL: " + " | ".join(MCN_CL_ABLATIONS))
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--patience", type=int, default=5)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--preset", default="auto", choices=("auto", *PRESETS),
                        help="auto | paper | utterance | small (auto: utterance when all T=1, else paper)")
-    train.add_argument("--dropout", type=float, default=None, help="model dropout (default: the config's, 0.5)")
+    train.add_argument("--dropout", type=float, default=None,
+                       help="model dropout (default: the model config's, MCIHN 0.5, MCN-CL 0.3)")
     train.add_argument("--class-weights", default="none", choices=("none", "balanced"),
                        help="classification: none | balanced (cross-entropy weighted by inverse class frequency)")
     train.add_argument("--fresh", action="store_true", help="ignore an existing run folder's state")
@@ -91,33 +111,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args):
-    from mcihn.data import load_dataset
+def _load(args, target: str | None = None):
+    """The dataset of --data, its sentiment binned into classes when --target (or `target`) says so."""
+    from mcihn.data import load_dataset, sentiment_classes
 
-    return load_dataset(args.data, args.format, allow_pickle=args.allow_pickle)
+    data = load_dataset(args.data, args.format, allow_pickle=args.allow_pickle)
+    target = getattr(args, "target", None) or target
+    return sentiment_classes(data, target) if target else data
 
 
-def _model_config(data, ablation: str, preset: str, dropout: float | None = None):
-    from mcihn.config import MCIHNConfig
+def _model_config(data, ablation: str, preset: str, dropout: float | None = None, model: str = "mcihn"):
+    from mcihn.config import ABLATIONS, MCIHNConfig
+    from mcihn.mcn_cl import ABLATIONS as MCN_CL_ABLATIONS
+    from mcihn.mcn_cl import MCNCLConfig
     from mcihn.spec import MODALITIES
     from mcihn.train import config_for_data
 
+    if model not in MODEL_NAMES:
+        raise UsageError(f"unknown --model {model!r}; use {' or '.join(MODEL_NAMES)}")
+    config_class, ablations, presets = ((MCNCLConfig, MCN_CL_ABLATIONS, MCN_CL_PRESETS) if model == "mcn-cl"
+                                        else (MCIHNConfig, ABLATIONS, PRESETS))
+    if ablation not in ablations:  # argparse offers both models' names; each model has its own
+        raise UsageError(f"--ablation {ablation} is not one of {MODEL_NAMES[model]}'s: {', '.join(ablations)}")
     if preset == "auto":
         preset = "utterance" if all(data.spec[m].seq_len == 1 for m in MODALITIES) else "paper"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown --preset {preset!r}; use auto, {', '.join(PRESETS)}")
-    overrides = dict(PRESETS[preset]) | ({} if dropout is None else {"dropout": dropout})
-    return config_for_data(data, MCIHNConfig.for_ablation(ablation), **overrides)
+    if preset not in presets:
+        raise ValueError(f"unknown --preset {preset!r}; use auto, {', '.join(presets)}")
+    overrides = dict(presets[preset]) | ({} if dropout is None else {"dropout": dropout})
+    return config_for_data(data, config_class.for_ablation(ablation), **overrides)
 
 
 def train_seeds(data, out: Path, seeds: int, ablation: str = "full", preset: str = "auto", epochs: int = 30,
                 patience: int = 5, batch_size: int = 32, lr: float = 1e-3, fresh: bool = False,
-                dropout: float | None = None, class_weights: str = "none") -> dict:
-    """Train `seeds` models; each seed's best checkpoint goes to out/seed_K. Returns the summary."""
+                dropout: float | None = None, class_weights: str = "none", model: str = "mcihn") -> dict:
+    """Train `seeds` models of `model` ("mcihn" or "mcn-cl"); each seed's best checkpoint goes to out/seed_K.
+    Returns the summary."""
     from mcihn.metrics import aggregate
     from mcihn.train import TrainConfig, Trainer, evaluate
 
-    cfg = _model_config(data, ablation, preset, dropout)
+    cfg = _model_config(data, ablation, preset, dropout, model)
     key = "F1 (weighted)" if data.task == "classification" else "MAE"
     if fresh and out.exists():
         shutil.rmtree(out)
@@ -126,13 +158,13 @@ def train_seeds(data, out: Path, seeds: int, ablation: str = "full", preset: str
         seed_dir = out / f"seed_{seed}"
         trainer = Trainer(data, cfg, TrainConfig(seed=seed, epochs=epochs, patience=patience, batch_size=batch_size,
                                                  lr=lr, class_weights=class_weights), seed_dir / "state")
-        model = trainer.fit(resume=True)
-        metrics = {s: evaluate(model, data, s) for s in ("valid", "test")}
+        trained = trainer.fit(resume=True)
+        metrics = {s: evaluate(trained, data, s) for s in ("valid", "test")}
         trainer.save(seed_dir, metrics)
         runs.append({"seed": seed, "best_epoch": trainer.best_epoch, "seconds": trainer.train_seconds, **metrics})
         print(f"seed {seed}: best epoch {trainer.best_epoch}, test {key} {metrics['test'][key]:.3f}, "
               f"{runs[-1]['seconds']:.0f} s", file=sys.stderr)
-    summary = {"ablation": ablation, "dataset": data.name, "model": cfg.to_dict(), "runs": runs,
+    summary = {"model_type": model, "ablation": ablation, "dataset": data.name, "model": cfg.to_dict(), "runs": runs,
                "test": {k: list(v) for k, v in aggregate([r["test"] for r in runs]).items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -149,35 +181,51 @@ def cmd_train(args) -> int:
 
     data = _load(args)
     summary = train_seeds(data, Path(args.out), args.seeds, args.ablation, args.preset, args.epochs, args.patience,
-                          args.batch_size, args.lr, args.fresh, args.dropout, args.class_weights)
+                          args.batch_size, args.lr, args.fresh, args.dropout, args.class_weights, args.model)
     if args.json:
         print(json.dumps(summary["test"], indent=2))
     else:
         row = {k: tuple(v) for k, v in summary["test"].items()}
-        print(format_table({f"MCIHN {args.ablation} ({args.seeds} seeds, test)": row}, _keys(data)))
+        title = f"{MODEL_NAMES[args.model]} {args.ablation} ({args.seeds} seeds, test)"
+        print(format_table({title: row}, _keys(data)))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from mcihn.checkpoint import load_checkpoint
+    from mcihn.checkpoint import load_checkpoint, model_type_of
     from mcihn.metrics import aggregate, format_table
     from mcihn.train import evaluate
 
-    data = _load(args)
     root = Path(args.checkpoint)
     folders = sorted(p for p in root.glob("seed_*") if (p / "config.json").exists()) or [root]
+    checkpoints = [load_checkpoint(folder) for folder in folders]  # each builds its own model class
+    # A checkpoint trained on sentiment classes (--target) is evaluated on the same classes.
+    data = _load(args, checkpoints[0].metadata.get("target"))
     results = []
-    for folder in folders:
-        ckpt = load_checkpoint(folder)
+    for ckpt in checkpoints:
         ckpt.check_features(data.spec, what=f"dataset {args.data}", structural_only=True)
+        _check_head(ckpt, data, args.data)
         results.append(evaluate(ckpt.model, data, args.split))
     agg = aggregate(results)
+    names = sorted({MODEL_NAMES[model_type_of(c.model)] for c in checkpoints})
     if args.json:
-        print(json.dumps({"split": args.split, "checkpoints": [str(f) for f in folders],
+        print(json.dumps({"split": args.split, "checkpoints": [str(f) for f in folders], "models": names,
                           "runs": results, "mean_std": {k: list(v) for k, v in agg.items()}}, indent=2))
     else:
-        print(format_table({f"{root.name} ({len(results)} ckpt, {args.split})": agg}, _keys(data)))
+        title = f"{'/'.join(names)} {root.name} ({len(results)} ckpt, {args.split})"
+        print(format_table({title: agg}, _keys(data)))
     return 0
+
+
+def _check_head(ckpt, data, where: str) -> None:
+    """A classifier cannot be scored on regression data (or the other way round), nor on another number of
+    classes. Names may differ (scores are by class index)."""
+    head, labels = ckpt.config.head, list(ckpt.config.labels)
+    if head != data.task or (head == "classification" and len(labels) != len(data.label_names or [])):
+        wanted = f"classes {labels}" if head == "classification" else "regression values"
+        found = f"classes {data.label_names}" if data.task == "classification" else "regression values"
+        raise UsageError(f"{ckpt.path} predicts {wanted} but {where} has {found}; pass the --target it was "
+                         f"trained with, or another checkpoint")
 
 
 def cmd_baseline(args) -> int:

