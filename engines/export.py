@@ -7,8 +7,8 @@ Small steps that compose (as polygraphy's loaders do):
 - `cached_onnx(model, folder)`: the same, keyed by the model's content, so a second `mcihn build` reuses it.
 - `check_parity(model, onnx_path)`: torch and onnxruntime on the same inputs (the example inputs and a second
   batch size, which proves the dynamic batch); `ParityError` above tolerance.
-- `mcihn_engine_model(model)`: MCIHN's inference forward as an EngineModel, so the fusion model goes through
-  the same machinery as the extractors.
+- `mcihn_engine_model(model)`: the fusion model's (MCIHN's or MCN-CL's) inference forward as an EngineModel, so
+  it goes through the same machinery as the extractors.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from engines.runtime import Backend, EngineModel, OnnxRuntimeBackend, TorchBackend, require
+from mcihn.checkpoint import model_type_of
+from mcihn.mcn_cl import MCNCL
 from mcihn.model import MCIHN
 from mcihn.spec import MODALITIES
 
@@ -284,14 +286,16 @@ def check_parity(model: EngineModel, onnx_path: str | Path,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# MCIHN as an engine model
+# The fusion model (MCIHN or MCN-CL) as an engine model
 # ---------------------------------------------------------------------------------------------------------
 
 
-def mcihn_engine_model(model: MCIHN, batch: int = 1, seed: int = 0) -> EngineModel:
-    """MCIHN.forward as an EngineModel: inputs vision (B, T_v, D_v), text (B, T_t, D_t), audio (B, T_a, D_a)
-    float32 and lengths (B, 3) int64 in MODALITIES order; output "scores": (B,) for regression, (B, C) softmax
-    scores for classification. The batch axis is dynamic (1..32 in the TensorRT profile, `batch` optimal).
+def mcihn_engine_model(model: MCIHN | MCNCL, batch: int = 1, seed: int = 0) -> EngineModel:
+    """MCIHN.forward (or MCNCL.forward: the same signature) as an EngineModel named by its checkpoint model_type
+    ("mcihn", "mcn-cl"; cached ONNX files and engines are named after it): inputs vision (B, T_v, D_v),
+    text (B, T_t, D_t), audio (B, T_a, D_a) float32 and lengths (B, 3) int64 in MODALITIES order; output "scores":
+    (B,) for regression, (B, C) softmax scores for classification. The batch axis is dynamic (1..32 in the TensorRT
+    profile, `batch` optimal).
 
     The example features are seeded random values with three quarters of each sequence valid, so exports and
     parity checks go through the padding masks too. An ablation's unused modality is still an input (zeros do).
@@ -306,7 +310,7 @@ def mcihn_engine_model(model: MCIHN, batch: int = 1, seed: int = 0) -> EngineMod
                                   dtype=np.int64)
     max_batch = max(batch, MCIHN_MAX_BATCH)
     return EngineModel(
-        name="mcihn",
+        name=model_type_of(model),
         module=model.eval(),
         example_inputs=example,
         output_names=("scores",),

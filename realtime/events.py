@@ -89,7 +89,8 @@ class EmotionEvent:
     "fusion" (this tick's work) and "asr" (the last ASR pass), each in milliseconds. skipped_ticks, dropped_frames:
     totals since the session start (not per event); a consumer that wants a rate takes differences.
     modalities: vision/text/audio -> ModalityScores (each modality's own scores, and its model). fusion: how
-    `scores` were made from them ("late fusion: ..." for the starter's experts, "mcihn: CHECKPOINT" for MCIHN).
+    `scores` were made from them ("late fusion: ..." for the starter's experts, "mcihn: CHECKPOINT" for MCIHN,
+    "mcn-cl: CHECKPOINT" for MCN-CL).
     `scores` is empty when no modality gave a score (late fusion with no face and no words): nothing is invented.
     faults: what failed since the previous event (a camera unplugged, speech recognition stopped, ...), each once.
     """

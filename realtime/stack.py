@@ -20,7 +20,7 @@ class Stack:
     """What the recognizer runs: the extractors, the fusion backend and what it needs to know about them."""
 
     extractors: dict
-    fusion: object  # engines.backends.Backend over MCIHN's inference forward
+    fusion: object  # engines.backends.Backend over the fusion model's (MCIHN's or MCN-CL's) inference forward
     head: str
     labels: list[str]
     seq_lens: dict[str, int]
@@ -95,11 +95,12 @@ def load_stack(config: LiveConfig) -> Stack:
 
 
 def load_checkpoint_stack(checkpoint_dir: Path, config: LiveConfig, asr_options: AsrOptions) -> Stack:
-    """A checkpoint, its extractors (checked against its feature spec) and backends; MCIHN fuses."""
+    """A checkpoint, its extractors (checked against its feature spec) and backends; its model (MCIHN or MCN-CL,
+    as the checkpoint's model_type says) fuses."""
     from engines.backends import create_backend
     from engines.export import mcihn_engine_model
     from engines.extractors import ExtractorOptions, build_extractor
-    from mcihn.checkpoint import load_checkpoint
+    from mcihn.checkpoint import load_checkpoint, model_type_of
     from mcihn.spec import NOT_EXTRACTED, is_precomputed
 
     ckpt = load_checkpoint(checkpoint_dir)
@@ -138,7 +139,7 @@ def load_checkpoint_stack(checkpoint_dir: Path, config: LiveConfig, asr_options:
                  used, bool(ckpt.metadata.get("untrained", False)), asr_options,
                  models={m: extractors[m].spec.extractor if m in extractors else None
                          for m in ("vision", "text", "audio")},
-                 fusion_name=f"mcihn: {checkpoint_dir}", metadata=ckpt.metadata,
+                 fusion_name=f"{model_type_of(model)}: {checkpoint_dir}", metadata=ckpt.metadata,
                  window=window, text_scope=text_scope, text_horizon_s=float(horizon),
                  incremental_audio=bool(threads is not None and config.incremental_audio and "audio" in extractors
                                         and extractors["audio"].can_stream))

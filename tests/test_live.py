@@ -444,3 +444,33 @@ def test_process_thread_pools_are_the_hosts_unless_it_asks():
     finally:
         torch.set_num_threads(before[0])
         cv2.setNumThreads(before[1])
+
+
+@needs_espeak
+def test_mcn_cl_checkpoint_runs_live(clip, cache, tmp_path):
+    """An MCN-CL checkpoint on the stand-in extractors' features fuses in the live pipeline (speed 0, with ASR):
+    events carry the checkpoint's own labels with scores summing to 1, that change with the input, and name
+    MCN-CL as the fusion."""
+    import torch
+
+    from mcihn.checkpoint import load_checkpoint, save_checkpoint
+    from mcihn.mcn_cl import MCNCL, MCNCLConfig
+    from realtime.asr import AsrOptions
+
+    spec = load_checkpoint(cache / "demo" / "checkpoint").spec  # the stand-in extractors' features
+    labels = ["calm", "tense", "elated"]  # not the demo's: they must come from this checkpoint
+    config = MCNCLConfig(input_dims={m: spec[m].dim for m in ("vision", "text", "audio")},
+                         seq_lens={m: spec[m].seq_len for m in ("vision", "text", "audio")}, d_model=16, num_heads=2,
+                         num_layers=1, psa_kernels=(1, 3), projection_dim=8, labels=labels)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "mcn-cl", MCNCL(config).eval(), spec, {"untrained": True})
+    asr = AsrOptions(model=str(cache / "demo" / "whisper"), language="en")  # the tiny stand-in Whisper
+    rec, events = run_all(LiveConfig(checkpoint=str(ckpt), cache_dir=str(cache), backend="torch", source=str(clip),
+                                     speed=0, hop_s=0.25, asr=asr))
+    assert rec.faults == [] and len(events) > 10
+    assert isinstance(rec.stack.fusion.model.module, MCNCL)
+    assert all(e.fusion == f"mcn-cl: {ckpt}" and list(e.scores) == labels for e in events)
+    assert all(abs(sum(e.scores.values()) - 1) < 1e-4 for e in events)
+    assert len({tuple(round(v, 6) for v in e.scores.values()) for e in events}) > 1, "the scores ignore the input"
+    assert sum(e.presence.vision.present for e in events) >= len(events) // 2
+    assert sum(e.presence.audio.voiced for e in events) >= len(events) // 3

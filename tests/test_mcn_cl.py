@@ -328,3 +328,12 @@ def test_onnx_export_matches_torch(tmp_path):
         cases.append({m: feats[m].numpy() for m in MODALITIES} | {"lengths": lengths.numpy()})
     report = check_parity(engine, path, cases, tolerance=1e-4)
     assert report.passed, report.summary()
+
+
+def test_engine_model_is_named_by_model_type():
+    """The fusion engine (live, `mcihn build`, cached ONNX files) is named after the checkpoint's model_type."""
+    from engines.export import mcihn_engine_model
+
+    assert mcihn_engine_model(MCNCL(tiny_config())).name == "mcn-cl"
+    mcihn = MCIHN(MCIHNConfig(input_dims=DIMS, seq_lens=LENS, latent_len=2, latent_dim=8, num_heads=2))
+    assert mcihn_engine_model(mcihn).name == "mcihn"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from mcihn.checkpoint import load_checkpoint
 from mcihn.config import MCIHNConfig
 from mcihn.data import DataError, FeatureSet, FeatureSplit, save_feature_store, sentiment_classes, spec_from_split
 from mcihn.mcn_cl import MCNCL, MCNCLConfig
@@ -292,3 +293,15 @@ def test_cli_mcn_cl_on_binned_sentiment(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["mean_std"]["Acc"][0] == pytest.approx(trained["Acc"][0])
     assert main(["eval", "--checkpoint", str(out), "--data", str(store), "--target", "acc7"]) == 2
     assert "predicts classes" in capsys.readouterr().err
+
+
+def test_cli_compare_mcn_cl_names_the_model_and_ships_it(tmp_path, capsys):
+    store = save_feature_store(synthetic_classes(), tmp_path / "store")
+    out, ship = tmp_path / "run", tmp_path / "ship"
+    assert main(["compare", "--model", "mcn-cl", "--data", str(store), "--out", str(out), "--seeds", "1",
+                 "--epochs", "1", "--export", str(ship)]) == 0
+    table = capsys.readouterr().out
+    assert "| MCN-CL-small (1 seeds) |" in table and "| logistic regression" in table
+    assert json.loads((out / "compare.json").read_text())["mcihn"]["model_type"] == "mcn-cl"
+    shipped = load_checkpoint(ship)
+    assert isinstance(shipped.model, MCNCL) and shipped.metadata["name"] == "MCN-CL-small SYNTHETIC"
