@@ -13,7 +13,7 @@ import traceback
 EXAMPLES = """examples:
   mcihn-live                                         # the starter recognizer: camera 0 + default microphone
   mcihn-live --demo                                  # the starter on the bundled clip (no camera, mic or network)
-  mcihn-live --checkpoint runs/meld-mcihn            # a checkpoint written by `mcihn train` (MCIHN fuses)
+  mcihn-live --checkpoint runs/meld-mcihn            # a checkpoint written by `mcihn train` (MCIHN or MCN-CL fuses)
   mcihn-live --checkpoint C --camera 1 --mic USB --ws 8765 --jsonl events.jsonl
   mcihn-live --checkpoint C --source interview.mp4 --osc 127.0.0.1:9000 --no-overlay
   mcihn-live --checkpoint C --record session1        # later: --source session1 replays it

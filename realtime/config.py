@@ -21,9 +21,10 @@ class ConfigError(ValueError):
 class LiveConfig:
     """Everything `mcihn-live` can be told. Defaults run on a desktop with a camera and a microphone.
 
-    Models: `checkpoint` (a folder written by `mcihn train`: MCIHN fuses); else `standins` ("tiny" or "base": random
-    stand-ins of the paper's extractors and an untrained MCIHN, marked untrained: tests and `mcihn bench`); else the
-    starter recognizer (real face, speech and text models; realtime/starter.py). `demo`: the bundled clip as source.
+    Models: `checkpoint` (a folder written by `mcihn train`: its MCIHN or MCN-CL fuses); else `standins` ("tiny" or
+    "base": random stand-ins of the paper's extractors and an untrained MCIHN, marked untrained: tests and `mcihn
+    bench`); else the starter recognizer (real face, speech and text models; realtime/starter.py). `demo`: the bundled
+    clip as source.
     source: "devices" (camera + microphone), "push" (the host feeds frames and audio: Recognizer.push_*), or a
     video file / a folder written by `record`; None: the bundled clip with `demo`, else "devices". speed: a file
     source's replay speed (1: live pace); 0: as fast as possible, stepping by media time, never skipping a tick
