@@ -68,6 +68,14 @@ def test_rss_floor_slope_ignores_peaks_and_warm_up():
     assert floor_slope(samples).per_min == pytest.approx(0.0)
     growing = [(t, 1000.0 + t / 60) for t in range(600)]  # a real leak: 1 MB/min
     assert floor_slope(growing).per_min == pytest.approx(1.0)
+    # 30 minutes, flat, with a once-a-minute low point that lands anywhere in a 0-50 MB swing (the trim during or
+    # between ASR passes): the 1-minute floors scatter, the 5-minute floors find the level the process returns to.
+    rng = np.random.default_rng(0)
+    lows = {m: 2300.0 + rng.uniform(0, 50) for m in range(30)}
+    trimmed = [(t, lows[t // 60] + (0.0 if t % 60 == 30 else 60.0)) for t in range(1800)]
+    assert abs(floor_slope(trimmed, 300.0).per_min) < abs(floor_slope(trimmed).per_min) + 1e-9
+    assert abs(floor_slope(trimmed, 300.0).per_min) < 0.5
+    assert floor_slope([(t, 1000.0 + t / 60) for t in range(1800)], 300.0).per_min == pytest.approx(1.0)
 
 
 def test_bench_tiny_end_to_end(tmp_path, capsys):

@@ -90,6 +90,10 @@ class RunReport:
     # The same over the per-minute minima after the first minute: transient peaks (an ASR pass's buffers) and
     # warm-up (allocator arenas, lazily built kernels) do not pass for a leak.
     rss_floor_slope: Slope | None = None
+    # The same over 5-minute minima (runs of 20 minutes or more): each window holds five of the session's
+    # once-a-minute trims (realtime/memory.py), so its minimum is the RSS the process returns to. A 1-minute
+    # window holds one trim, landing anywhere in an ASR pass's cycle, whose live buffers swing it by ~50 MB.
+    rss_floor_slope_5min: Slope | None = None
     # --trace-heap: the Python heap traced by tracemalloc over time. Flat while RSS grows: the growth is in
     # native allocations (onnxruntime, CTranslate2, the C allocator), not in Python objects.
     heap_slope: Slope | None = None
@@ -128,6 +132,7 @@ def summarize(events: list[dict], duration_s: float, hop_s: float, commit_lags_s
         latency_slope=Slope.of(t, c2e) if events else None,
         rss_slope=Slope.of(*np.asarray(rss_samples).T) if rss_samples else None,
         rss_floor_slope=floor_slope(rss_samples),
+        rss_floor_slope_5min=floor_slope(rss_samples, 300.0) if duration_s >= 1200 else None,
         heap_slope=Slope.of(*np.asarray(heap_samples).T) if heap_samples else None,
         timeline={"t_s": t, "capture_to_emit_ms": c2e, "rss_t_s": [s[0] for s in rss_samples],
                   "rss_mb": [s[1] for s in rss_samples], "heap_mb": [s[1] for s in heap_samples],
@@ -369,6 +374,9 @@ def format_report(reports: list[RunReport]) -> str:
         row("RSS slope MB/min", [f"{r.rss_slope.per_min:+.2f}" if r.rss_slope else "-" for r in reports])
         row("RSS floor slope MB/min", [f"{r.rss_floor_slope.per_min:+.2f}" if r.rss_floor_slope else "-"
                                        for r in reports])
+        if any(r.rss_floor_slope_5min for r in reports):
+            row("  over 5-min floors MB/min", [f"{r.rss_floor_slope_5min.per_min:+.2f}" if r.rss_floor_slope_5min
+                                               else "-" for r in reports])
     if any(r.heap_slope for r in reports):
         row("Python heap slope MB/min", [f"{r.heap_slope.per_min:+.2f}" if r.heap_slope else "-" for r in reports])
     row("p50 capture->emit ratio", [f"{r.stages['capture_to_emit'].p50 / base:.2f}x" for r in reports])
