@@ -171,6 +171,37 @@ def test_resume_continues_from_the_saved_state(data, standin_models, tmp_path):
                       text_lr=1e-4).fit()
 
 
+class Scripted(TextFineTuner):
+    """Validation scores scripted (epoch 1 best), and the encoder's weights recorded after every epoch."""
+
+    SCORES = (1.0, 0.5, 0.9, 0.8)
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.after_epoch: dict[int, dict[str, torch.Tensor]] = {}
+
+    def validation_score(self):
+        _, metrics = super().validation_score()
+        return self.SCORES[self.epoch], metrics
+
+    def save_state(self):
+        self.after_epoch[self.epoch - 1] = weights(self.text_core)
+        super().save_state()
+
+
+def test_early_stopping_keeps_the_best_epochs_encoder_across_a_resume(data, standin_models, tmp_path):
+    def run(epochs: int) -> Scripted:
+        trainer = Scripted(data, tiny(data), train_config(epochs=epochs), tmp_path, encoder(standin_models))
+        trainer.fit()
+        return trainer
+
+    first = run(3)  # interrupted after epoch 2; epoch 1 was the best
+    resumed = run(4)
+    assert resumed.best_epoch == 1 and resumed.epoch == 4
+    assert not changed(first.after_epoch[1], resumed.text_core)
+    assert changed(resumed.after_epoch[3], resumed.text_core)  # not the last epoch's
+
+
 def test_checkpoint_evaluates_with_mcihn_eval(trained, raw, tmp_path, capsys):
     from tools.cli import main
 
