@@ -107,6 +107,10 @@ def load_checkpoint_stack(checkpoint_dir: Path, config: LiveConfig, asr_options:
     # Modalities the checkpoint was trained without (text-only features, say) stay absent live too.
     used = tuple(m for m in ckpt.model.config.modalities if ckpt.spec[m].extractor != NOT_EXTRACTED)
     overridden = {m: path for m in ("vision", "text", "audio") if (path := getattr(config, f"{m}_model"))}
+    # A fine-tuned text encoder saved inside the checkpoint (mcihn finetune-text) is found beside it, wherever
+    # the folder was moved; its spec records an absolute path.
+    if "text" not in overridden and (folder := ckpt.metadata.get("text_encoder", {}).get("folder")):
+        overridden["text"] = str(Path(checkpoint_dir) / folder)
     precomputed = [f"{m} by {ckpt.spec[m].extractor.removeprefix('precomputed:')}" for m in used
                    if is_precomputed(ckpt.spec[m].extractor) and m not in overridden]
     if precomputed:

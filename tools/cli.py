@@ -1,5 +1,5 @@
 """`mcihn`: offline commands (train, eval, baseline, extract, extract-text, build, bench, bench-models, compare,
-ablate, download, demo).
+ablate, finetune-text, download, demo).
 Expected faults print one line and exit 2."""
 
 from __future__ import annotations
@@ -13,7 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from tools import UsageError, ablate, bench, bench_models, build, compare, download, extract, extract_text
+from tools import (
+    UsageError,
+    ablate,
+    bench,
+    bench_models,
+    build,
+    compare,
+    download,
+    extract,
+    extract_text,
+    finetune,
+)
 
 EXAMPLES = """examples:
   mcihn train --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --out runs/mosi --seeds 5
@@ -105,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_parser(sub)
     compare.add_parser(sub)
     ablate.add_parser(sub)
+    finetune.add_parser(sub)
 
     demo = sub.add_parser("demo", help="train MCIHN (5 seeds) and the ridge baseline on CMU-MOSI, print both")
     demo.add_argument("--data", default="../shared/data/cmu-mosi/mosi_utterance_features.npz")
@@ -286,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": cmd_train, "eval": cmd_eval, "baseline": cmd_baseline, "demo": cmd_demo,
                 "extract-text": extract_text.run, "bench-models": bench_models.run,
                 "build": build.run, "download": download.run, "extract": extract.run, "bench": bench.run,
-                "compare": compare.run, "ablate": ablate.run}
+                "compare": compare.run, "ablate": ablate.run,
+                "finetune-text": finetune.run}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
