@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_train import synthetic_set
 
 from mcihn.data import save_feature_store
-from tests.test_train import synthetic_set
 from tools.ablate import format_markdown, separation
 from tools.cli import main
 
