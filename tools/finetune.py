@@ -115,24 +115,3 @@ def run(args) -> int:
         row = {k: tuple(v) for k, v in summary["test"].items()}
         print(format_table({f"MCIHN, text encoder fine-tuned ({args.seeds} seeds, test)": row}, keys))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m tools.finetune ARGS` = `mcihn finetune-text ARGS`, until the subcommand is registered in tools/cli."""
-    from tools.cli import expected_errors
-
-    parser = argparse.ArgumentParser(prog="mcihn")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["finetune-text", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return run(args)
-    except Exception as err:
-        if not isinstance(err, expected_errors()):
-            raise
-        print(f"mcihn finetune-text: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
-              file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
