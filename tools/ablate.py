@@ -44,15 +44,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--jobs", type=int, default=1, help="variants trained at once, one CPU thread each (default 1)")
 
 
-def _train_variant(args: argparse.Namespace, variant: str, threads: int | None) -> dict:
-    """One variant's seeds (in a worker process when --jobs > 1); returns its summary."""
+def _train_variant(args: argparse.Namespace, variant: str, threads: int | None, data=None) -> dict:
+    """One variant's seeds; returns its summary. A worker process (--jobs > 1) loads the data itself."""
     from tools.cli import _load, train_seeds
 
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    data = _load(args)
+    data = data if data is not None else _load(args)
     return train_seeds(data, Path(args.out) / variant, args.seeds, variant, args.preset, args.epochs, args.patience,
                        model=args.model)
 
@@ -69,7 +69,7 @@ def run(args) -> int:
             futures = {v: pool.submit(_train_variant, args, v, 1) for v in variants}
             summaries = {v: f.result() for v, f in futures.items()}
     else:
-        summaries = {v: _train_variant(args, v, None) for v in variants}
+        summaries = {v: _train_variant(args, v, None, data) for v in variants}
     rows = {v: {k: [r["test"][k] for r in s["runs"]] for k in keys} for v, s in summaries.items()}
     reference = rows[variants[0]]
     result = {"data": args.data, "model": MODEL_NAMES[args.model], "seeds": args.seeds,
