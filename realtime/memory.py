@@ -14,8 +14,11 @@ preempted while holding one would stall the tick's allocations behind it.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
+import os
+import resource
 import sys
 import threading
 import time
@@ -32,6 +35,20 @@ def _glibc(name: str):
         return getattr(ctypes.CDLL("libc.so.6"), name)
     except (OSError, AttributeError):
         return None
+
+
+def resident_mb() -> float:
+    """Resident memory of this process now, MB (Linux /proc; the peak from getrusage elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_resident_mb()
+
+
+def peak_resident_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def release_free_memory() -> bool:
@@ -58,7 +75,12 @@ def limit_malloc_arenas(arenas: int) -> bool:
 
 
 class MemoryTrimmer:
-    """Calls `release_free_memory` every `interval_s` until stopped; `trims` and `last_ms` say what it did."""
+    """Calls `release_free_memory` every `interval_s` until stopped; `trims` and `last_ms` say what it did.
+
+    `after_trim` holds (time.monotonic(), resident MB) read right after each trim, the last day's at 60 s: the
+    memory the process cannot give back (live data, and free blocks pinned below live ones). Its trend is the
+    session's real growth; RSS sampled at other moments also holds whatever malloc kept since the last trim.
+    """
 
     def __init__(self, interval_s: float = 60.0):
         if interval_s <= 0:
@@ -66,6 +88,7 @@ class MemoryTrimmer:
         self.interval_s = interval_s
         self.trims = 0
         self.last_ms: float | None = None
+        self.after_trim: collections.deque[tuple[float, float]] = collections.deque(maxlen=1440)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mcihn-memory", daemon=True)
 
@@ -84,4 +107,5 @@ class MemoryTrimmer:
             if not release_free_memory():
                 return  # no glibc: nothing to do, ever
             self.last_ms = (time.perf_counter() - start) * 1e3
+            self.after_trim.append((time.monotonic(), resident_mb()))
             self.trims += 1

@@ -92,3 +92,14 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
         assert r["stages"]["fusion"]["count"] == r["events"] and r["peak_rss_mb"] > 0 and r["cpu_percent"] > 0
     assert (out / "latency.png").stat().st_size > 10_000
     assert "p50 capture->emit ratio" in capsys.readouterr().out
+
+
+def test_after_trim_slope_skips_warm_up_and_needs_three_trims():
+    from tools.bench import AFTER_TRIM_WARMUP_S, after_trim_slope
+
+    warm = [(t, 2000.0 + t) for t in range(0, int(AFTER_TRIM_WARMUP_S), 30)]  # steep first-use growth: ignored
+    flat = [(AFTER_TRIM_WARMUP_S + 60.0 * i, 2300.0 + (-1) ** i) for i in range(20)]
+    assert after_trim_slope(warm + flat).per_min == pytest.approx(0.0, abs=0.1)
+    rising = [(AFTER_TRIM_WARMUP_S + 60.0 * i, 2300.0 + 2 * i) for i in range(20)]
+    assert after_trim_slope(warm + rising).per_min == pytest.approx(2.0)
+    assert after_trim_slope(flat[:2]) is None

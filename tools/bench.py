@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 import tracemalloc
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from realtime.memory import peak_resident_mb, resident_mb
 from tools import UsageError
 
 EXAMPLE = """examples:
@@ -97,6 +97,9 @@ class RunReport:
     # --trace-heap: the Python heap traced by tracemalloc over time. Flat while RSS grows: the growth is in
     # native allocations (onnxruntime, CTranslate2, the C allocator), not in Python objects.
     heap_slope: Slope | None = None
+    # The RSS right after each of the session's trims (realtime/memory.py MemoryTrimmer.after_trim), from the
+    # third minute: what the process cannot hand back, without the free memory malloc keeps between trims.
+    rss_after_trim_slope: Slope | None = None
     timeline: dict[str, list[float]] = field(default_factory=dict)  # t_s, capture_to_emit, rss_mb
     # Speech recognition on the clip's known script (first pass through the clip): word error rate, and per
     # utterance the time from its speech starting to its first committed word.
@@ -112,7 +115,8 @@ class RunReport:
 def summarize(events: list[dict], duration_s: float, hop_s: float, commit_lags_s: list[float],
               backend: str = "", cpu_s: float = 0.0, peak_rss_mb: float = 0.0, gpu_peak_mb: float | None = None,
               rss_samples: list[tuple[float, float]] | None = None,
-              heap_samples: list[tuple[float, float]] | None = None) -> RunReport:
+              heap_samples: list[tuple[float, float]] | None = None,
+              after_trim: list[tuple[float, float]] | None = None) -> RunReport:
     """Statistics of one run from its events (dicts as in docs/events.md), wall duration and side samples."""
     values = {s: [e["latency_ms"][s] for e in events if s in e["latency_ms"]] for s in STAGES}
     stages = {s: LatencyStats.of(v) for s, v in values.items()}
@@ -134,8 +138,10 @@ def summarize(events: list[dict], duration_s: float, hop_s: float, commit_lags_s
         rss_floor_slope=floor_slope(rss_samples),
         rss_floor_slope_5min=floor_slope(rss_samples, 300.0) if duration_s >= 1200 else None,
         heap_slope=Slope.of(*np.asarray(heap_samples).T) if heap_samples else None,
+        rss_after_trim_slope=after_trim_slope(after_trim or []),
         timeline={"t_s": t, "capture_to_emit_ms": c2e, "rss_t_s": [s[0] for s in rss_samples],
                   "rss_mb": [s[1] for s in rss_samples], "heap_mb": [s[1] for s in heap_samples],
+                  "after_trim_t_s": [s[0] for s in after_trim or []], "after_trim_mb": [s[1] for s in after_trim or []],
                   **{f"stage:{s}": v for s, v in values.items()}},
     )
 
@@ -150,18 +156,13 @@ def floor_slope(samples: list[tuple[float, float]], window_s: float = 60.0) -> S
     return Slope.of([i * window_s + window_s / 2 for i in keys], [v[k == i].min() for i in keys])
 
 
-def rss_mb() -> float:
-    """Resident memory of this process now (Linux /proc; the peak from getrusage elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return peak_rss()
+AFTER_TRIM_WARMUP_S = 120.0  # the first trims still see models' first-use allocations
 
 
-def peak_rss() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+def after_trim_slope(samples: list[tuple[float, float]]) -> Slope | None:
+    """Slope of the (t, MB) read right after each trim, past the warm-up; None under 3 such trims."""
+    kept = [s for s in samples if s[0] >= AFTER_TRIM_WARMUP_S]
+    return Slope.of(*np.asarray(kept).T) if len(kept) >= 3 else None
 
 
 def add_parser(subparsers) -> None:
@@ -192,6 +193,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: half the cores)")
     p.add_argument("--incremental-audio", action="store_true",
                    help="CPU: compute only the audio window's new frames each update (approximate; docs/live.md)")
+    p.add_argument("--trim-memory-s", type=float, default=LiveConfig.trim_memory_s,
+                   help=f"seconds between the session's malloc trims (default {LiveConfig.trim_memory_s:g}; 0: none)")
     p.add_argument("--malloc-arenas", type=int, default=LiveConfig.malloc_arenas,
                    help=f"glibc malloc arenas for the process (default {LiveConfig.malloc_arenas}; 0: glibc's own, "
                         "8 per core)")
@@ -215,7 +218,7 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
                         source=args.clip, loop=True, hop_s=args.hop, backend=backend, device=args.device,
                         precision=args.precision, incremental_audio=args.incremental_audio,
                         threads=args.threads, limit_process_threads=True,  # bench owns its process
-                        malloc_arenas=args.malloc_arenas,
+                        malloc_arenas=args.malloc_arenas, trim_memory_s=args.trim_memory_s,
                         use_asr=not args.no_asr, asr=asr, cache_dir=args.cache_dir)
     events: list[dict] = []
     rec = Recognizer(config)
@@ -231,7 +234,7 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
     try:
         cpu0, t0 = time.process_time(), time.monotonic()
         while (elapsed := time.monotonic() - t0) < duration:
-            rss_samples.append((elapsed, rss_mb()))
+            rss_samples.append((elapsed, resident_mb()))
             if args.trace_heap:
                 heap_samples.append((elapsed, tracemalloc.get_traced_memory()[0] / 2**20))
             progress(backend, elapsed, duration, rec.latest_event)
@@ -241,7 +244,7 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
         cpu_s, wall = time.process_time() - cpu0, time.monotonic() - t0
         from realtime.memory import release_free_memory
 
-        trim = rss_mb(), release_free_memory(), rss_mb()  # how much of the RSS is free memory malloc kept
+        trim = resident_mb(), release_free_memory(), resident_mb()  # how much of the RSS is free memory malloc kept
     finally:
         rec.stop()
         rec.join(60)  # let a running ASR pass end: the next backend's run must not share the CPU with it
@@ -254,7 +257,9 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
         import torch
 
         gpu = torch.cuda.max_memory_allocated() / 2**20
-    report = summarize(events, wall, args.hop, lags, backend, cpu_s, peak_rss(), gpu, rss_samples, heap_samples)
+    after_trim = [(t - t0, mb) for t, mb in rec.memory.after_trim] if rec.memory is not None else []
+    report = summarize(events, wall, args.hop, lags, backend, cpu_s, peak_resident_mb(), gpu, rss_samples,
+                       heap_samples, after_trim)
     if trim[1]:
         report.rss_end_mb, report.rss_after_trim_mb = round(trim[0], 1), round(trim[2], 1)
     if accuracy is not None:
@@ -377,6 +382,9 @@ def format_report(reports: list[RunReport]) -> str:
         if any(r.rss_floor_slope_5min for r in reports):
             row("  over 5-min floors MB/min", [f"{r.rss_floor_slope_5min.per_min:+.2f}" if r.rss_floor_slope_5min
                                                else "-" for r in reports])
+        if any(r.rss_after_trim_slope for r in reports):
+            row("RSS after each trim slope MB/min", [f"{r.rss_after_trim_slope.per_min:+.2f}"
+                                                     if r.rss_after_trim_slope else "-" for r in reports])
     if any(r.heap_slope for r in reports):
         row("Python heap slope MB/min", [f"{r.heap_slope.per_min:+.2f}" if r.heap_slope else "-" for r in reports])
     row("p50 capture->emit ratio", [f"{r.stages['capture_to_emit'].p50 / base:.2f}x" for r in reports])
