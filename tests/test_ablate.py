@@ -39,3 +39,41 @@ def test_separation_is_the_mean_difference_in_pooled_std_units():
     result = {"model": "M", "seeds": 2, "keys": ["MAE"], "variants": ["a", "b"],
               "rows": {"a": {"MAE": [0.5, 0.01, 0.0]}, "b": {"MAE": [0.6, 0.02, 6.3]}}}
     assert format_markdown(result).splitlines()[-1] == "| b | 0.600 ± 0.020 (+6.3) |"
+
+
+def test_compare_rows_and_targets_make_one_table_with_every_row(tmp_path, capsys):
+    """`mcihn compare --rows ... --target a,b`: every row and the logistic regression on each target, one table;
+    each row's seeds under OUT/TARGET/MODEL[-ABLATION]; a rerun resumes and gives the same table."""
+    store = save_feature_store(synthetic_set(), tmp_path / "store")
+    out = tmp_path / "table"
+    command = ["compare", "--rows", "mcn-cl,mcn-cl:no-mining,mcihn:MCIHN-1", "--target", "acc2-has0,acc7",
+               "--data", str(store), "--out", str(out), "--seeds", "2", "--epochs", "1", "--preset", "small"]
+    assert main(command) == 0
+    table = capsys.readouterr().out
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    header = lines[0]
+    assert header.startswith("| model | acc2-has0 weighted F1 | acc2-has0 accuracy |") and "acc7 macro F1" in header
+    names = [line.split(" | ")[0] for line in lines[1:5]]  # lines[0] the header (the |---| line has no space)
+    assert names == ["| MCN-CL-small (2 seeds)", "| MCN-CL-small no-mining (2 seeds)", "| MCIHN-1-small (2 seeds)",
+                     "| logistic regression, mean-pooled (L2 " + names[3].split("(L2 ")[-1]]
+    assert all(line.count(" ± ") == 6 for line in lines[1:4])  # two targets x three metrics, mean ± std
+    assert lines[2].count(" (+") + lines[2].count(" (-") == 2 and "(+" not in lines[1] and "(-" not in lines[1]
+    result = json.loads((out / "compare.json").read_text())
+    assert [c["label"] for c in result["columns"]] == ["acc2-has0", "acc7"]
+    for target in ("acc2-has0", "acc7"):
+        for folder in ("mcn-cl", "mcn-cl-no-mining", "mcihn-MCIHN-1"):
+            summary = json.loads((out / target / folder / "summary.json").read_text())
+            assert len(summary["runs"]) == 2 and summary["dataset"].endswith(target)
+            assert (out / target / folder / "seed_1" / "config.json").exists()
+    acc7 = result["columns"][1]
+    runs = json.loads((out / "acc7" / "mcn-cl-no-mining" / "summary.json").read_text())["runs"]
+    assert acc7["rows"][1]["test"]["Acc"][0] == pytest.approx(sum(r["test"]["Acc"] for r in runs) / 2)
+    assert main(command) == 0  # resumed: the same table
+    assert capsys.readouterr().out == table
+
+
+def test_compare_export_needs_one_row(tmp_path, capsys):
+    store = save_feature_store(synthetic_set(), tmp_path / "store")
+    assert main(["compare", "--rows", "mcn-cl,mcihn", "--target", "acc7", "--data", str(store), "--out",
+                 str(tmp_path / "t"), "--export", str(tmp_path / "ship")]) == 2
+    assert "--export ships the one row" in capsys.readouterr().err

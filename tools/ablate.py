@@ -14,6 +14,7 @@ import json
 import shlex
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -44,17 +45,45 @@ def add_parser(subparsers) -> None:
     p.add_argument("--jobs", type=int, default=1, help="variants trained at once, one CPU thread each (default 1)")
 
 
-def _train_variant(args: argparse.Namespace, variant: str, threads: int | None, data=None) -> dict:
-    """One variant's seeds; returns its summary. A worker process (--jobs > 1) loads the data itself."""
+@dataclass(frozen=True)
+class RowRun:
+    """One table row's seeds: `model` with `ablation` on `data` (binned by `target`), trained into `out`."""
+
+    model: str
+    ablation: str
+    out: Path
+    data: str
+    target: str | None = None
+
+
+def train_rows(args: argparse.Namespace, rows: list[RowRun], jobs: int = 1, loaded: dict | None = None) -> list[dict]:
+    """Each row's `args.seeds` seeds (train_seeds, resumed when rerun) with the optimisation settings of `args`;
+    their summaries in row order. `jobs` > 1 trains that many rows at once, one CPU thread each, every worker
+    loading its data itself; else `loaded` ((data, target) -> FeatureSet) spares loading a dataset twice.
+    `mcihn ablate` and `mcihn compare` both train through here."""
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            futures = [pool.submit(_train_row, args, row, 1) for row in rows]
+            return [f.result() for f in futures]
+    loaded = {} if loaded is None else loaded
+    return [_train_row(args, row, None, loaded) for row in rows]
+
+
+def _train_row(args: argparse.Namespace, row: RowRun, threads: int | None, loaded: dict | None = None) -> dict:
+    """One row's seeds; returns its summary. A worker process (--jobs > 1) loads the data itself."""
     from tools.cli import _load, train_seeds
 
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    data = data if data is not None else _load(args)
-    return train_seeds(data, Path(args.out) / variant, args.seeds, variant, args.preset, args.epochs, args.patience,
-                       model=args.model)
+    loaded = {} if loaded is None else loaded
+    key = (row.data, row.target)
+    if key not in loaded:
+        loaded[key] = _load(argparse.Namespace(**(vars(args) | {"data": row.data, "target": row.target})))
+    return train_seeds(loaded[key], row.out, args.seeds, row.ablation, args.preset, args.epochs, args.patience,
+                       getattr(args, "batch_size", 32), getattr(args, "lr", 1e-3), False,
+                       getattr(args, "dropout", None), getattr(args, "class_weights", "none"), row.model)
 
 
 def run(args) -> int:
@@ -64,12 +93,8 @@ def run(args) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     data = _load(args)  # a bad --data or --target is said before any training
     keys = _keys(data)
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            futures = {v: pool.submit(_train_variant, args, v, 1) for v in variants}
-            summaries = {v: f.result() for v, f in futures.items()}
-    else:
-        summaries = {v: _train_variant(args, v, None, data) for v in variants}
+    rows = [RowRun(args.model, v, Path(args.out) / v, args.data, args.target) for v in variants]
+    summaries = dict(zip(variants, train_rows(args, rows, args.jobs, {(args.data, args.target): data}), strict=True))
     rows = {v: {k: [r["test"][k] for r in s["runs"]] for k in keys} for v, s in summaries.items()}
     reference = rows[variants[0]]
     result = {"data": args.data, "model": MODEL_NAMES[args.model], "seeds": args.seeds,

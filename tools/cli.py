@@ -49,16 +49,20 @@ MCN_CL_PRESETS = {"paper": {}, "utterance": {}, "small": {"d_model": 64, "num_he
 MODEL_NAMES = {"mcihn": "MCIHN", "mcn-cl": "MCN-CL"}
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """--data, --format, --allow-pickle, --target; `several`: --data and --target take comma lists (the columns
+    of `mcihn compare`'s table), each item checked when the data is loaded."""
     p.add_argument("--data", required=True,
-                   help="dataset: a .npz (CMU-MOSI utterance), an MMSA .pkl, or a feature store")
+                   help="dataset: a .npz (CMU-MOSI utterance), an MMSA .pkl, or a feature store"
+                        + ("; a comma list gives one column per dataset" if several else ""))
     p.add_argument("--format", default="auto", help="auto | mosi-npz | mmsa-pickle | store")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading MMSA pickles (unpickling runs code from the file: only for files you trust)")
-    p.add_argument("--target", default=None, choices=("acc2-non0", "acc2-has0", "acc7"),
+    p.add_argument("--target", default=None, choices=None if several else ("acc2-non0", "acc2-has0", "acc7"),
                    help="MOSI-family sentiment as classes: acc2-non0 (negative/positive, label-0 samples dropped), "
                         "acc2-has0 (negative/non-negative), acc7 (round(clip(y, -3, 3))); needed by --model mcn-cl "
-                        "on CMU-MOSI/MOSEI. eval takes a checkpoint's own target when not given")
+                        "on CMU-MOSI/MOSEI. eval takes a checkpoint's own target when not given"
+                        + ("; a comma list gives one column per target" if several else ""))
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,11 @@
-"""`mcihn compare`: MCIHN or MCN-CL (`--model`, several seeds) against multinomial logistic regression on the same
-classification features and split, as one markdown table titled with the model's name; optionally ships the best
-seed (chosen on valid) as a checkpoint.
+"""`mcihn compare`: fusion models (N seeds each: MCIHN, MCN-CL and their ablations) against multinomial logistic
+regression on the same classification features and split, as one markdown table; optionally ships the best seed
+(chosen on valid) of a one-row comparison as a checkpoint.
+
+One command per table: `--rows` names the trained rows (MODEL[:ABLATION], each into OUT/MODEL[-ABLATION]/seed_K),
+and a comma list in `--data` or `--target` gives one column group per feature set or sentiment target (each into
+OUT/COLUMN/...), every row and the logistic regression on each. Without `--rows`, the one row `--model
+--ablation` trains into OUT/seed_K (the layout before rows existed).
 
 Every choice is made on the valid split: each seed's epoch (early stopping on valid weighted F1), the logistic
 regression's L2 penalty (valid weighted F1), the seed that is shipped (valid weighted F1) and its softmax
@@ -24,8 +29,11 @@ from tools import UsageError
 EXAMPLE = """examples (after `mcihn extract-text --data ../shared/data/meld --text minilm --out runs/meld-minilm`):
   mcihn compare --data runs/meld-minilm --seeds 5 --out runs/meld-compare
   mcihn compare --data runs/meld-minilm --seeds 5 --out runs/meld-compare --export realtime/assets/text-emotion
-  mcihn compare --data runs/iemocap-minilm --seeds 5 --out runs/iemocap-compare
   mcihn compare --model mcn-cl --data runs/meld-minilm --seeds 5 --out runs/meld-compare-mcn-cl
+  mcihn compare --rows mcn-cl,mcn-cl:no-contrastive,mcn-cl:no-mining,mcihn:MCIHN-1 --data runs/iemocap-minilm \
+      --preset small --dropout 0.3 --epochs 15 --patience 4 --seeds 5 --out runs/iemocap-table
+  mcihn compare --rows mcn-cl,mcihn --target acc2-non0,acc7 --preset utterance --epochs 30 --patience 5 \
+      --data ../shared/data/cmu-mosi/mosi_utterance_features.npz --seeds 5 --out runs/mosi-table
 """
 KEYS = ("F1 (weighted)", "Acc", "F1 (macro)")
 SHIPPED_FILES = ("model.safetensors", "config.json")
@@ -37,10 +45,14 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("compare", help="MCIHN or MCN-CL (N seeds) vs logistic regression on a "
                                               "classification set",
                               epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_data_args(p)
+    _add_data_args(p, several=True)
     _add_model_arg(p)
+    p.add_argument("--rows", default=None, metavar="MODEL[:ABLATION],...",
+                   help="the trained rows, e.g. mcn-cl,mcn-cl:no-contrastive,mcn-cl:no-mining,mcihn:MCIHN-1 (each "
+                        "into OUT/[COLUMN/]MODEL[-ABLATION]); default: the one row --model --ablation into OUT")
     p.add_argument("--out", required=True, help="run folder: out/seed_K, summary.json, compare.json, compare.md")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--jobs", type=int, default=1, help="rows trained at once, one CPU thread each (default 1)")
     p.add_argument("--preset", default="small", help="auto | paper | utterance | small")
     p.add_argument("--ablation", default="full",
                    help="MCIHN: full | MCIHN-1 (no adversarial autoencoders) | MCIHN-2 | ...; "
@@ -165,49 +177,113 @@ def export(data, out: Path, runs: list[dict], target: Path, command: str, name: 
     return {"path": str(target), "seed": best["seed"], "bytes": size, "temperature": temperature}
 
 
-def run(args) -> int:
-    from tools.cli import _load, train_seeds
+def _split_list(value: str | None) -> list:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else [None]
 
-    data = _load(args)
-    if data.task != "classification":
-        raise UsageError(f"mcihn compare is for classification data; {args.data} is {data.task} "
-                         f"(use mcihn train and mcihn baseline)")
+
+def _rows(args) -> list[tuple[str, str]]:
+    """(model, ablation) of each trained row: --rows, or the one row --model --ablation."""
+    from tools.cli import MODEL_NAMES
+
+    if not args.rows:
+        return [(args.model, args.ablation)]
+    rows = []
+    for item in _split_list(args.rows):
+        model, _, ablation = item.partition(":")
+        if model not in MODEL_NAMES:
+            raise UsageError(f"--rows {item}: unknown model {model!r}; use {' or '.join(MODEL_NAMES)}")
+        rows.append((model, ablation or "full"))
+    if len(set(rows)) < len(rows):
+        raise UsageError(f"--rows {args.rows} names a row twice")
+    return rows
+
+
+def _row_folder(model: str, ablation: str) -> str:
+    return model if ablation == "full" else f"{model}-{ablation}"
+
+
+def _columns(args) -> list[dict]:
+    """One column group per (--data item, --target item): its label, data path and target."""
+    datas, targets = _split_list(args.data), _split_list(args.target)
+    names = [Path(d).name for d in datas]
+    if len(set(names)) < len(names):
+        raise UsageError(f"--data {args.data}: the folders' names must differ (they name the columns)")
+    columns = []
+    for data, name in zip(datas, names, strict=True):
+        for target in targets:
+            parts = ([name] if len(datas) > 1 else []) + ([target] if len(targets) > 1 else [])
+            columns.append({"label": "/".join(parts), "data": data, "target": target})
+    return columns
+
+
+def run(args) -> int:
+    from mcihn.metrics import aggregate
+    from tools.ablate import RowRun, train_rows
+    from tools.cli import _load
+
+    rows, columns = _rows(args), _columns(args)
+    legacy = not args.rows and len(columns) == 1  # one row, straight into OUT (the layout before --rows)
+    if args.export and not legacy:
+        raise UsageError("--export ships the one row of a one-column compare; drop --rows or the comma lists")
+    loaded = {}
+    for c in columns:  # a bad --data or --target is said before any training
+        data = loaded[(c["data"], c["target"])] = _load(argparse.Namespace(**(vars(args) | c)))
+        if data.task != "classification":
+            raise UsageError(f"mcihn compare is for classification data; {c['data']} is {data.task} "
+                             f"(use mcihn train and mcihn baseline, or --target on sentiment)")
     out = Path(args.out)
     command = shlex.join(["mcihn", *sys.argv[1:]]) if Path(sys.argv[0]).name == "mcihn" else ""
+    runs = [RowRun(model, ablation, out if legacy else out / c["label"] / _row_folder(model, ablation),
+                   c["data"], c["target"]) for c in columns for model, ablation in rows]
     start = time.perf_counter()
-    summary = train_seeds(data, out, args.seeds, args.ablation, args.preset, args.epochs, args.patience,
-                          args.batch_size, args.lr, False, args.dropout, args.class_weights, args.model)
+    summaries = iter(train_rows(args, runs, args.jobs, loaded))
     train_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    baseline, _ = _baseline(data, args.baseline_class_weights)
-    baseline_seconds = time.perf_counter() - start
-
-    from mcihn.metrics import aggregate
-
-    runs = summary["runs"]
-    mcihn = {s: aggregate([r[s] for r in runs]) for s in ("valid", "test")}
-    variant = _variant(args.model, args.ablation)
-    name = f"{variant}-{args.preset}{' text-only' if _text_only(data) else ''} ({args.seeds} seeds)"
+    settings = {k: getattr(args, k) for k in ("preset", "epochs", "patience", "batch_size", "lr", "dropout",
+                                              "class_weights", "seeds")}
+    cells = []
+    for c in columns:
+        data = loaded[(c["data"], c["target"])]
+        trained = []
+        for model, ablation in rows:
+            summary, folder = next(summaries), out if legacy else out / c["label"] / _row_folder(model, ablation)
+            trained.append({"name": _row_name(model, ablation, args.preset, data, args.seeds), "model_type": model,
+                            "ablation": ablation, "folder": str(folder),
+                            **{s: {k: list(v) for k, v in aggregate([r[s] for r in summary["runs"]]).items()}
+                               for s in ("valid", "test")}, "runs": summary["runs"]})
+        start = time.perf_counter()
+        baseline, _ = _baseline(data, args.baseline_class_weights)
+        cells.append(c | {"dataset": data.name, "test_size": len(data["test"]), "labels": data.label_names,
+                          "rows": trained, "logreg": baseline | {"seconds": time.perf_counter() - start}})
+    first = cells[0]
     result = {
-        "dataset": data.name, "test_size": len(data["test"]), "labels": data.label_names,
-        # Under "mcihn" whichever fusion model was trained (the key predates --model; readers of compare.json
-        # keep working), with "model_type" saying which.
-        "mcihn": {"name": name, "model_type": args.model,
-                  **{s: {k: list(v) for k, v in m.items()} for s, m in mcihn.items()},
-                  "runs": runs, "settings": {k: getattr(args, k) for k in (
-                      "ablation", "preset", "epochs", "patience", "batch_size", "lr", "dropout", "class_weights")},
-                  "seconds_this_call": train_seconds},
-        "logreg": baseline | {"seconds": baseline_seconds},
-        "command": command,
+        "dataset": first["dataset"], "test_size": first["test_size"], "labels": first["labels"],
+        # The first column's first row under "mcihn" (the key predates --model and --rows; readers of compare.json
+        # keep working), with "model_type" saying which model it is.
+        "mcihn": first["rows"][0] | {"settings": settings | {"ablation": rows[0][1]},
+                                     "seconds_this_call": train_seconds},
+        "logreg": first["logreg"],
+        "columns": cells, "command": command, "date": date.today().isoformat(),
     }
     if args.export:
-        short = data.name.split("-")[0].upper()
-        result["export"] = export(data, out, runs, Path(args.export), command, f"{variant}-{args.preset} {short}")
+        short = first["dataset"].split("-")[0].upper()
+        data = loaded[(first["data"], first["target"])]
+        result["export"] = export(data, out, first["rows"][0]["runs"], Path(args.export), command,
+                                  f"{_variant(*rows[0])}-{args.preset} {short}")
     markdown = format_markdown(result)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "compare.md").write_text(markdown + "\n")
     print(json.dumps(result, indent=2) if args.json else markdown)
     return 0
+
+
+def _row_name(model: str, ablation: str, preset: str, data, seeds: int) -> str:
+    """A row's name in tables: "MCIHN-1-small text-only (5 seeds)", "MCN-CL-small no-mining text-only (5 seeds)"."""
+    from tools.cli import MODEL_NAMES
+
+    base = ablation if model == "mcihn" and ablation != "full" else MODEL_NAMES[model]
+    suffix = f" {ablation}" if model != "mcihn" and ablation != "full" else ""
+    return f"{base}-{preset}{suffix}{' text-only' if _text_only(data) else ''} ({seeds} seeds)"
 
 
 def _variant(model: str, ablation: str) -> str:
@@ -230,20 +306,54 @@ def _cell(value) -> str:
 
 
 def format_markdown(result: dict) -> str:
-    """The comparison table (test; valid weighted F1 beside it) and the per-seed table, as markdown."""
-    m, b = result["mcihn"], result["logreg"]
-    lines = [f"{result['dataset']}: test split, {result['test_size']} utterances", "",
-             "| model | weighted F1 | accuracy | macro F1 | valid weighted F1 |", "|---|---|---|---|---|"]
-    lines.append(f"| {m['name']} | " + " | ".join(_cell(m["test"][k]) for k in KEYS)
-                 + f" | {_cell(m['valid']['F1 (weighted)'])} |")
+    """The comparison table (test; valid weighted F1 beside it when there is one column group) and the per-seed
+    table, as markdown. Rows after the first carry, in brackets after their weighted F1, their distance from the
+    first row in pooled seed std (tools/ablate.py `separation`)."""
+    from tools.ablate import separation
+
+    cells = result["columns"]
+    one = len(cells) == 1
+    lines = [f"{cells[0]['dataset']}: test split, {cells[0]['test_size']} utterances" if one else
+             "test split: " + "; ".join(f"{c['label']} {c['dataset']}, {c['test_size']} utterances" for c in cells),
+             ""]
+    if one:
+        header = ["weighted F1", "accuracy", "macro F1", "valid weighted F1"]
+    else:
+        header = [f"{c['label']} {k}" for c in cells for k in ("weighted F1", "accuracy", "macro F1")]
+    lines += ["| model | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+
+    def seeds_of(row: dict) -> list[float]:
+        return [r["test"]["F1 (weighted)"] for r in row["runs"]]
+
+    for i, name in enumerate(r["name"] for r in cells[0]["rows"]):
+        row_cells = []
+        for c in cells:
+            row = c["rows"][i]
+            sep = "" if i == 0 else f" ({separation(seeds_of(row), seeds_of(c['rows'][0])):+.1f})"
+            row_cells += [_cell(row["test"][k]) + (sep if k == KEYS[0] else "") for k in KEYS]
+            if one:
+                row_cells.append(_cell(row["valid"]["F1 (weighted)"]))
+        lines.append(f"| {name} | " + " | ".join(row_cells) + " |")
+    b = cells[0]["logreg"]
     weights = "" if b["class_weight"] == "none" else ", balanced class weights"
-    lines.append(f"| logistic regression, mean-pooled (L2 {b['penalty']:.2g}{weights}) | "
-                 + " | ".join(_cell(b["test"][k]) for k in KEYS) + f" | {_cell(b['valid']['F1 (weighted)'])} |")
-    lines += ["", "| seed | best epoch | seconds | valid weighted F1 | test weighted F1 | test accuracy "
-                  "| test macro F1 |", "|---|---|---|---|---|---|---|"]
-    for r in m["runs"]:
-        lines.append(f"| {r['seed']} | {r['best_epoch']} | {r['seconds']:.0f} | {r['valid']['F1 (weighted)']:.3f} | "
-                     + " | ".join(f"{r['test'][k]:.3f}" for k in KEYS) + " |")
+    penalties = "/".join(f"{c['logreg']['penalty']:.2g}" for c in cells)
+    lr_cells = [_cell(c["logreg"]["test"][k]) for c in cells for k in KEYS]
+    lines.append(f"| logistic regression, mean-pooled (L2 {penalties}{weights}) | " + " | ".join(lr_cells)
+                 + (f" | {_cell(b['valid']['F1 (weighted)'])} |" if one else " |"))
+    if one and len(cells[0]["rows"]) == 1:
+        lines += ["", "| seed | best epoch | seconds | valid weighted F1 | test weighted F1 | test accuracy "
+                      "| test macro F1 |", "|---|---|---|---|---|---|---|"]
+        for r in cells[0]["rows"][0]["runs"]:
+            lines.append(f"| {r['seed']} | {r['best_epoch']} | {r['seconds']:.0f} | "
+                         f"{r['valid']['F1 (weighted)']:.3f} | " + " | ".join(f"{r['test'][k]:.3f}" for k in KEYS)
+                         + " |")
+    else:
+        lines += ["", "| row: test weighted F1 per seed (best epoch, seconds) |", "|---|"]
+        for c in cells:
+            for row in c["rows"]:
+                per_seed = ", ".join(f"{r['test']['F1 (weighted)']:.3f} ({r['best_epoch']}, {r['seconds']:.0f} s)"
+                                     for r in row["runs"])
+                lines.append(f"| {(c['label'] + ' ') if c['label'] else ''}{row['name']}: {per_seed} |")
     if "export" in result:
         e = result["export"]
         lines += ["", f"shipped: seed {e['seed']} -> {e['path']} ({e['bytes'] / 1e6:.2f} MB, temperature "
