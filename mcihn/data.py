@@ -651,6 +651,41 @@ def load_iemocap_csv(path: str | os.PathLike, name: str = "iemocap") -> FeatureS
     return _text_only_set(name, splits, IEMOCAP_LABELS, {s: r[3] for s, r in rows.items()}, file)
 
 
+_UTTERANCE_ID = re.compile(r"^(?P<dialogue>.+)_u(?P<index>\d+)$")
+
+
+def dialogue_context(ids: list[str], texts: list[str], turns: int) -> list[list[str]]:
+    """For each utterance, the texts of at most `turns` utterances before it in the same dialogue, the newest
+    first: the dialogue context of `mcihn extract-text --context` (docs/mcn_cl.md, "Dialogue context").
+
+    ids are "<dialogue>_u<index>" (load_meld_csv, load_iemocap_csv), within one split (MELD numbers its dialogues
+    per split); an utterance's context is the utterances of its dialogue with a smaller index, whatever the order
+    of `ids`: never a later utterance, never another dialogue's. Utterances without words are skipped.
+    """
+    if len(ids) != len(texts):
+        raise DataError(f"{len(ids)} ids but {len(texts)} texts")
+    dialogues: dict[str, list[tuple[int, str]]] = {}
+    keys = []
+    for uid, text in zip(ids, texts, strict=True):
+        match = _UTTERANCE_ID.match(str(uid))
+        if match is None:
+            raise DataError(f"utterance id {uid!r} does not name its dialogue and turn (<dialogue>_u<index>), so "
+                            f"dialogue context cannot be rebuilt; --context needs MELD or IEMOCAP transcripts")
+        key = (match["dialogue"], int(match["index"]))
+        keys.append(key)
+        dialogues.setdefault(key[0], []).append((key[1], text))
+    for turns_of in dialogues.values():
+        turns_of.sort(key=lambda t: t[0])
+        indices = [i for i, _ in turns_of]
+        if len(set(indices)) < len(indices):
+            raise DataError(f"two utterances share an id in one dialogue ({indices}); ids must be unique")
+    contexts = []
+    for dialogue, index in keys:
+        before = [text for i, text in dialogues[dialogue] if i < index and text.strip()]
+        contexts.append(before[::-1][:turns] if turns > 0 else [])
+    return contexts
+
+
 def _csv_format(path: Path) -> str | None:
     """"meld-csv" or "iemocap-csv" from a CSV file's header, None when it is neither."""
     try:

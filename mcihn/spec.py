@@ -7,6 +7,7 @@ records the window the features were cut from (`WindowSpec`), so the live pipeli
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 MODALITIES: tuple[str, ...] = ("vision", "text", "audio")
@@ -48,6 +49,13 @@ class ModalitySpec:
     def __post_init__(self) -> None:
         if self.dim <= 0 or self.seq_len <= 0:
             raise ValueError(f"feature dim and seq_len must be positive, got dim={self.dim} seq_len={self.seq_len}")
+
+
+def context_turns(spec: ModalitySpec) -> int:
+    """How many preceding utterances of the dialogue the text features were conditioned on (`mcihn extract-text
+    --context K` records "+context(turns=K,...)" in the text preprocessing; engines/text.py); 0 without context."""
+    match = re.search(r"\+context\(turns=(\d+)", spec.preprocessing)
+    return int(match[1]) if match else 0
 
 
 # Fields compared when matching features against a checkpoint. Dims and lengths are structural (the model

@@ -282,6 +282,16 @@ def test_checkpoint_for_other_extractors_is_refused(cache, tmp_path):
                           "text preprocessing", "checkpoint")
 
 
+def test_checkpoint_trained_with_dialogue_context_is_refused(cache, tmp_path):
+    """Text features conditioned on preceding utterances (`mcihn extract-text --context`): live has no dialogue
+    to feed as the second segment, so the checkpoint is refused in one line, before any model loads."""
+    context = {"preprocessing": "wordpiece(max=36,truncate=left)+context(turns=3,window=96,newest-first,"
+                                "second-segment,target-positions)"}
+    ckpt = demo_checkpoint_with_spec(cache, tmp_path / "ckpt", text=context)
+    assert_one_error_line(run_cli("--checkpoint", str(ckpt), "--cache-dir", str(cache), "--no-asr"),
+                          "3 preceding utterances", "without --context")
+
+
 def test_model_missing_offline(cache, tmp_path):
     ckpt = demo_checkpoint_with_spec(cache, tmp_path / "ckpt", vision={"extractor": "nobody/no-such-clip"})
     assert_one_error_line(run_cli("--checkpoint", str(ckpt), "--cache-dir", str(cache), "--no-asr",
