@@ -601,6 +601,7 @@ class AsrWorker:
         self.last_pass_ms: float | None = None
         self.buffer_s = 0.0
         self.error: BaseException | None = None
+        self.after_pass: Callable[[], None] | None = None  # called on the worker thread when a pass has ended
 
     def start(self) -> AsrWorker:
         if self._since is None:
@@ -749,6 +750,8 @@ class AsrWorker:
             while not self._stop.is_set():
                 if not self.step():
                     self._stop.wait(self._poll_s)
+                elif self.after_pass is not None:
+                    self.after_pass()
         except BaseException as err:  # noqa: BLE001 - reported, never swallowed: see the class docstring
             self.error = err
             log.error("ASR worker stopped: %s: %s", type(err).__name__, err)

@@ -77,18 +77,26 @@ def limit_malloc_arenas(arenas: int) -> bool:
 class MemoryTrimmer:
     """Calls `release_free_memory` every `interval_s` until stopped; `trims` and `last_ms` say what it did.
 
+    When it is due, a trim waits up to `quiet_wait_s` for `mark_quiet()`, which the ASR worker calls after each
+    pass: an ASR pass's buffers (mel features, encoder input and output of a 10-20 s window) swing the RSS by
+    tens of MB, and a trim in the middle of a pass can hand back none of them. Without speech no pass runs and
+    the trim goes ahead when the wait ends.
+
     `after_trim` holds (time.monotonic(), resident MB) read right after each trim, the last day's at 60 s: the
     memory the process cannot give back (live data, and free blocks pinned below live ones). Its trend is the
     session's real growth; RSS sampled at other moments also holds whatever malloc kept since the last trim.
     """
 
-    def __init__(self, interval_s: float = 60.0):
+    def __init__(self, interval_s: float = 60.0, quiet_wait_s: float = 5.0):
         if interval_s <= 0:
             raise ValueError(f"the trim interval must be positive, got {interval_s} s")
         self.interval_s = interval_s
+        self.quiet_wait_s = quiet_wait_s
         self.trims = 0
+        self.quiet_trims = 0  # trims that ran right after a mark_quiet(), not at the end of the wait
         self.last_ms: float | None = None
         self.after_trim: collections.deque[tuple[float, float]] = collections.deque(maxlen=1440)
+        self._quiet = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mcihn-memory", daemon=True)
 
@@ -96,16 +104,26 @@ class MemoryTrimmer:
         self._thread.start()
         return self
 
+    def mark_quiet(self) -> None:
+        """A moment when the big transient buffers are free (an ASR pass just ended): a due trim runs now."""
+        self._quiet.set()
+
     def stop(self, timeout: float = 1.0) -> None:
         self._stop.set()
+        self._quiet.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            self._quiet.clear()
+            quiet = self._quiet.wait(self.quiet_wait_s)
+            if self._stop.is_set():
+                return
             start = time.perf_counter()
             if not release_free_memory():
                 return  # no glibc: nothing to do, ever
             self.last_ms = (time.perf_counter() - start) * 1e3
             self.after_trim.append((time.monotonic(), resident_mb()))
             self.trims += 1
+            self.quiet_trims += quiet

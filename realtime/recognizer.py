@@ -160,6 +160,8 @@ class Recognizer:
             from realtime.memory import MemoryTrimmer
 
             self.memory = MemoryTrimmer(cfg.trim_memory_s).start()
+            if self.asr is not None:  # trim when a pass has just freed its buffers
+                self.asr.after_pass = self.memory.mark_quiet
         if self._replay is not None:
             self._replay.start()
         else:

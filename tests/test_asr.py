@@ -285,11 +285,15 @@ def test_worker_publishes_committed_text_window_and_tail():
 
     # The scripted audio is sample indices, not speech: passes on a timer (the VAD policy is tested on real speech).
     tr = StreamingTranscriber(AsrOptions(model="scripted", vad_passes=False), model=ScriptedWhisper(script))
-    worker = AsrWorker(tr, get_audio, since=0.0).start()
+    worker = AsrWorker(tr, get_audio, since=0.0)
+    ended: list[int] = []  # the session's memory trimmer listens here (realtime/memory.py)
+    worker.after_pass = lambda: ended.append(worker.passes)
+    worker.start()
     deadline = time.monotonic() + 5
     while (fed < n or worker.tail) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert worker.text_window() == text and worker.tail == "" and worker.version > 3
+    assert ended == list(range(1, len(ended) + 1)) and len(ended) >= worker.passes - 1  # once after each pass
     assert worker.text_window(3) == "you today? Fine!"
     assert worker.stop(timeout=2.0) and worker.error is None
 

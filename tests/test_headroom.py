@@ -169,7 +169,7 @@ def test_memory_trimmer_hands_free_memory_back_until_stopped():
     from realtime.memory import MemoryTrimmer, release_free_memory
 
     assert release_free_memory() == sys.platform.startswith("linux")  # glibc here
-    trimmer = MemoryTrimmer(0.02).start()
+    trimmer = MemoryTrimmer(0.02, quiet_wait_s=0.0).start()
     deadline = time.monotonic() + 5.0
     while trimmer.trims < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -182,6 +182,27 @@ def test_memory_trimmer_hands_free_memory_back_until_stopped():
     assert not trimmer._thread.is_alive()
     with pytest.raises(ValueError):
         MemoryTrimmer(0)
+
+
+def test_due_trim_waits_for_a_quiet_moment():
+    """A due trim runs when mark_quiet() says an ASR pass has just freed its buffers, not in the middle of one."""
+    from realtime.memory import MemoryTrimmer
+
+    trimmer = MemoryTrimmer(0.01, quiet_wait_s=30.0).start()
+    time.sleep(0.3)
+    assert trimmer.trims == 0  # due many times over, but no quiet moment yet (the wait is 30 s)
+    deadline = time.monotonic() + 5.0
+    while trimmer.trims < 2 and time.monotonic() < deadline:
+        trimmer.mark_quiet()
+        time.sleep(0.02)
+    assert trimmer.trims >= 2 and trimmer.quiet_trims == trimmer.trims
+    trimmer.stop(timeout=5.0)  # ends at once, though it was waiting for quiet
+    assert not trimmer._thread.is_alive()
+    impatient = MemoryTrimmer(0.01, quiet_wait_s=0.01).start()  # nothing marks quiet: trims anyway
+    while impatient.trims < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    impatient.stop()
+    assert impatient.trims >= 2 and impatient.quiet_trims == 0
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc arenas")
