@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vision-model", help="load the checkpoint's vision model from this folder instead")
     run.add_argument("--text-model", help="load the checkpoint's text model from this folder instead")
     run.add_argument("--audio-model", help="load the checkpoint's audio model from this folder instead")
+    run.add_argument("--server", default=None, metavar="HOST:PORT",
+                     help="run the extractors and the fusion on this inference server (`mcihn serve`); capture, "
+                          "windows and ASR stay here (docs/scaling.md)")
+    run.add_argument("--server-timeout", type=float, default=2.0,
+                     help="seconds to wait for the server's answer before its modalities count as absent (2)")
     run.add_argument("--cache-dir", default=None, help="models, ONNX files and engines (~/.cache/mcihn-live)")
     asr = p.add_argument_group("speech recognition (faster-whisper)")
     asr.add_argument("--asr-model", default="tiny.en",
@@ -126,6 +131,7 @@ def _config_from_args(args):
         vision_model=args.vision_model, text_model=args.text_model,
         audio_model=args.audio_model, asr=asr, jsonl=args.jsonl, ws=args.ws, osc=args.osc, lsl=args.lsl,
         record=args.record, cache_dir=args.cache_dir or str(DEFAULT_CACHE),
+        server=args.server, server_timeout_s=args.server_timeout,
         limit_process_threads=True,  # the command owns its process: torch's and OpenCV's pools too
     )
 

@@ -84,6 +84,10 @@ class LiveConfig:
     # At most this many glibc malloc arenas in the process, set at start() before any model thread exists
     # (realtime/memory.py limit_malloc_arenas; process-wide). 0: glibc's default, 8 per core.
     malloc_arenas: int = 2
+    # An inference server (`mcihn serve`, realtime/remote.py) that runs the extractors and the fusion: "HOST:PORT";
+    # capture, windows, VAD and ASR stay here. A request unanswered after server_timeout_s is a fault (modality absent).
+    server: str | None = None
+    server_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.standins not in (None, "tiny", "base"):

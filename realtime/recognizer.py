@@ -141,6 +141,8 @@ class Recognizer:
 
             limit_malloc_arenas(cfg.malloc_arenas)
         self.stack = self._stack or load_stack(cfg)
+        if self.stack.server is not None:  # a lost or slow inference server is a fault of this session
+            self.stack.server.report = self._faults.report
         self._buffers = TickBuffers(self.stack)
         self.clock = WallClock()  # media time 0 now; a file source or the offline replay brings its own clock
         if cfg.record:

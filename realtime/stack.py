@@ -46,6 +46,8 @@ class Stack:
     # Wav2Vec2 conv features, when the config asks): several times cheaper, within the error docs/live.md
     # measures; False: the exact window.
     incremental_audio: bool = False
+    server: object | None = None  # realtime.remote.Server when the models run on an inference server (--server)
+    fusion_model: object | None = None  # the fusion's EngineModel (what `mcihn serve` and export-triton describe)
 
 
 class TickBuffers:
@@ -134,14 +136,25 @@ def load_checkpoint_stack(checkpoint_dir: Path, config: LiveConfig, asr_options:
     threads = cpu_thread_budget(config)
     if threads is not None and asr_options.threads == 0:
         asr_options = replace(asr_options, threads=threads)
-    for extractor in extractors.values():
-        extractor.use_backend(create_backend(extractor.engine_model(), config.backend, config.device,
-                                             config.precision, cache_dir=cache,
-                                             threads=threads))
     model = ckpt.model
-    fusion = create_backend(mcihn_engine_model(model), config.backend, config.device,
-                            None if config.precision == "int8" else config.precision, cache_dir=cache,
-                            threads=threads)
+    fusion_model = mcihn_engine_model(model)
+    server = None
+    if config.server:  # the models run on an inference server (realtime/remote.py); the station keeps the rest
+        from realtime.remote import RemoteBackend, Server
+
+        server = Server(config.server, config.server_timeout_s)
+        served = server.check([*extractors, "fusion"])
+        for m, extractor in extractors.items():
+            extractor.use_backend(RemoteBackend(server, m, extractor.engine_model().output_names, served[m]))
+        fusion = RemoteBackend(server, "fusion", fusion_model.output_names, served["fusion"])
+    else:
+        for extractor in extractors.values():
+            extractor.use_backend(create_backend(extractor.engine_model(), config.backend, config.device,
+                                                 config.precision, cache_dir=cache,
+                                                 threads=threads))
+        fusion = create_backend(fusion_model, config.backend, config.device,
+                                None if config.precision == "int8" else config.precision, cache_dir=cache,
+                                threads=threads)
     cfg = model.config
     window, text_scope = live_window(ckpt.spec, config, extractors.get("audio"))
     horizon = window.text_horizon_s or config.text_horizon_s or ckpt.metadata.get("text_horizon_s", 8.0)
@@ -152,7 +165,8 @@ def load_checkpoint_stack(checkpoint_dir: Path, config: LiveConfig, asr_options:
                  fusion_name=f"{model_type_of(model)}: {checkpoint_dir}", metadata=ckpt.metadata,
                  window=window, text_scope=text_scope, text_horizon_s=float(horizon),
                  incremental_audio=bool(threads is not None and config.incremental_audio and "audio" in extractors
-                                        and extractors["audio"].can_stream))
+                                        and extractors["audio"].can_stream and server is None),
+                 server=server, fusion_model=fusion_model)
 
 
 def live_window(spec: FeatureSpec, config: LiveConfig, audio=None) -> tuple[WindowSpec, str]:

@@ -74,7 +74,15 @@ def load_starter(config):
     meta = stack.metadata
     text_weight = float(meta["valid_weighted_f1"])  # written by `mcihn compare --export`
     text_temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
-    face = FaceScores(FaceExpert()) if config.source != "devices" or config.use_camera else None
+    face = None
+    if config.source != "devices" or config.use_camera:
+        if stack.server is not None:  # the face expert runs on the inference server too (realtime/remote.py)
+            from realtime.remote import RemoteFace
+
+            stack.server.check(["face"])
+            face = FaceScores(RemoteFace(stack.server))
+        else:
+            face = FaceScores(FaceExpert())
     text_model = f"{meta.get('name', 'mcihn-text-emotion')} on {stack.models['text']}"
     experts = {"text": Expert(text_weight, text_temperature, text_model, "MELD dev weighted F1")}
     if face is not None:

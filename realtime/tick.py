@@ -25,6 +25,7 @@ from realtime.asr import voice_vad_options
 from realtime.buffers import SAMPLE_RATE, AudioRing, LatestFrame
 from realtime.events import AudioPresence, EmotionEvent, ModalityScores, Presence, TextPresence, VisionPresence
 from realtime.faults import Faults
+from realtime.remote import ServerError
 from realtime.stack import Stack, TickBuffers
 from realtime.vision_worker import VisionWorker
 from realtime.windows import TextWindow
@@ -104,12 +105,17 @@ class Tick:
 
         start = time.perf_counter()
         if stack.late_fusion is None:
-            scores = self._fuse(feats)
+            try:
+                scores = self._fuse(feats)
+            except ServerError:  # the inference server is down (reported once): no scores this tick
+                scores = {}
             modalities = {m: ModalityScores(None, stack.models.get(m)) for m in ("vision", "text", "audio")}
         else:
             scores, modalities = self._late_fuse(vision, feats.get("text"))
             presence.audio.fused = False  # no voice model: voice presence is reported, never fused
         latency["fusion"] = (time.perf_counter() - start) * 1e3
+        if stack.server is not None:  # each served model's last round trip (realtime/remote.py)
+            latency.update(stack.server.latencies())
         t_emit = time.monotonic()
         latency["capture_to_emit"] = (self.clock.now() - min(newest_capture)) * 1e3 if newest_capture else 0.0
         t_media = self.clock.media_time(max(newest_capture) if newest_capture else now)
@@ -167,10 +173,14 @@ class Tick:
             return Features(out, 0)
         start = time.perf_counter()
         extractor = self.stack.extractors["audio"]
-        if self.stack.incremental_audio:
-            feats = extractor.extract_stream(samples, end_index, out)
-        else:
-            feats = extractor.extract(samples, SAMPLE_RATE, out=out)
+        try:
+            if self.stack.incremental_audio:
+                feats = extractor.extract_stream(samples, end_index, out)
+            else:
+                feats = extractor.extract(samples, SAMPLE_RATE, out=out)
+        except ServerError:  # the inference server is down (reported once): audio absent this tick
+            out.fill(0.0)
+            return Features(out, 0)
         latency["audio"] = (time.perf_counter() - start) * 1e3
         return feats
 
@@ -182,7 +192,12 @@ class Tick:
         if vision is not None and vision.present:
             mean = vision.values[: vision.length].mean(axis=0)
             face = fusion.calibrated("vision", dict(zip(fusion.labels, mean.tolist(), strict=True)))
-        words = fusion.calibrated("text", self._fuse({"text": text})) if text is not None and text.present else None
+        words = None
+        if text is not None and text.present:
+            try:
+                words = fusion.calibrated("text", self._fuse({"text": text}))
+            except ServerError:  # the inference server is down (reported once): no text scores this tick
+                words = None
         modalities = {"vision": ModalityScores(face, stack.models.get("vision")),
                       "text": ModalityScores(words, stack.models.get("text")),
                       "audio": ModalityScores(None, None)}  # no voice-emotion model: presence only

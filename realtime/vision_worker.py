@@ -26,6 +26,7 @@ import numpy as np
 
 from engines.window import FrameGrid
 from realtime.buffers import LatestFrame
+from realtime.remote import ServerError
 from realtime.windows import EmbeddedFrame, VisionWindow
 
 
@@ -62,6 +63,8 @@ class VisionWorker:
         start = time.perf_counter()
         try:
             result = self.analyser.embed_frames([frame])
+        except ServerError:  # the inference server is down: reported once by realtime/remote.py, vision absent
+            return
         except Exception as err:  # noqa: BLE001 - one bad frame must not end vision
             self._report(f"vision extraction failed on a frame: {err}")
             return

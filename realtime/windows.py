@@ -16,6 +16,7 @@ import numpy as np
 
 from engines.extractor import Features
 from engines.window import frames_in_window
+from realtime.remote import ServerError
 
 
 @dataclass
@@ -80,7 +81,13 @@ class TextWindow:
         if text == self._text:
             return
         start = time.perf_counter()
-        features = self.extractor.extract(text)
+        try:
+            features = self.extractor.extract(text)
+        except ServerError:  # the inference server is down (reported once): text absent, encoded again on change
+            with self._lock:
+                self._text, self._features = "", Features(np.zeros_like(self._features.values), 0)
+                self._version += 1
+            return
         with self._lock:
             self._text, self._features = text, features
             self._version += 1

@@ -24,6 +24,7 @@ from tools import (
     extract,
     extract_text,
     finetune,
+    serve,
 )
 
 EXAMPLES = """examples:
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_parser(sub)
     ablate.add_parser(sub)
     finetune.add_parser(sub)
+    serve.add_parser(sub)
 
     demo = sub.add_parser("demo", help="train MCIHN (5 seeds) and the ridge baseline on CMU-MOSI, print both")
     demo.add_argument("--data", default="../shared/data/cmu-mosi/mosi_utterance_features.npz")
@@ -287,7 +289,8 @@ EXPECTED_ERRORS = {
     "engines.media": ("MediaError",), "engines.face": ("FaceModelsMissingError",),
     "engines.export": ("ExportError",), "tools.download": ("DownloadError",), "tools.extract": ("ExtractError",),
     "tools": ("UsageError",),
-    "realtime.recognizer": ("ConfigError",), "realtime.sources": ("SourceError",), "realtime.sinks": ("SinkError",),
+    "realtime.recognizer": ("ConfigError",), "realtime.config": ("ConfigError",),
+    "realtime.sources": ("SourceError",), "realtime.sinks": ("SinkError",),
 }
 
 
@@ -303,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 "extract-text": extract_text.run, "bench-models": bench_models.run,
                 "build": build.run, "download": download.run, "extract": extract.run, "bench": bench.run,
                 "compare": compare.run, "ablate": ablate.run,
-                "finetune-text": finetune.run}
+                "finetune-text": finetune.run, "serve": serve.run}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
