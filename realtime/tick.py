@@ -107,11 +107,14 @@ class Tick:
         if stack.late_fusion is None:
             try:
                 scores = self._fuse(feats)
-            except ServerError:  # the inference server is down (reported once): no scores this tick
+            except ServerError:  # the inference server is down (reported once): no scores, nothing fused
                 scores = {}
+                for part in (presence.vision, presence.text, presence.audio):
+                    part.fused = False
             modalities = {m: ModalityScores(None, stack.models.get(m)) for m in ("vision", "text", "audio")}
         else:
             scores, modalities = self._late_fuse(vision, feats.get("text"))
+            presence.text.fused = bool(presence.text.fused and modalities["text"].scores is not None)
             presence.audio.fused = False  # no voice model: voice presence is reported, never fused
         latency["fusion"] = (time.perf_counter() - start) * 1e3
         if stack.server is not None:  # each served model's last round trip (realtime/remote.py)
