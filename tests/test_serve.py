@@ -262,3 +262,53 @@ def test_batch_log_summary():
     for size in (1, 2, 2):
         log.add("fusion", size)
     assert json.dumps(log.summary()) and "fusion {1: 1, 2: 2}" in log.summary()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None or importlib.util.find_spec("onnx") is None,
+                    reason="needs tritonclient (its ModelConfig schema) and onnx: pip install 'mcihn-live[serve,onnx]'")
+def test_exported_repository_matches_tritons_schema_and_the_onnx_models(cache, tmp_path):
+    """`mcihn export-triton`: Triton's ONNX Runtime backend is not installed here, so the repository is checked
+    as Triton would read it: every config.pbtxt parses into Triton's ModelConfig (its protobuf schema, from
+    tritonclient), names the onnxruntime backend, batches dynamically, and declares exactly the ONNX file's
+    inputs and outputs (names, data types, dims after the batch dimension); each ONNX model runs a batch of 2."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from tools.cli import main
+
+    out = tmp_path / "repo"
+    assert main(["export-triton", "--standins", "tiny", "--cache-dir", str(cache), "--out", str(out),
+                 "--tensorrt", "fp16"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["audio", "fusion", "text", "vision"]  # the names `mcihn serve` serves
+    types = {"TYPE_FP32": (1, np.float32), "TYPE_INT64": (7, np.int64)}
+    for name in names:
+        config = text_format.Parse((out / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert config.name == name and config.backend == "onnxruntime" and config.max_batch_size == 8
+        assert config.HasField("dynamic_batching")
+        accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
+        assert [a.name for a in accelerators] == ["tensorrt"]
+        assert accelerators[0].parameters["precision_mode"] == "FP16"
+        assert "trt_profile_max_shapes" in config.parameters
+        graph = onnx.load(str(out / name / "1" / "model.onnx")).graph
+        for declared, actual in ((config.input, graph.input), (config.output, graph.output)):
+            assert [t.name for t in declared] == [t.name for t in actual]
+            for t, a in zip(declared, actual, strict=True):
+                dtype = model_config_pb2.DataType.Name(t.data_type)
+                assert types[dtype][0] == a.type.tensor_type.elem_type, (name, t.name)
+                dims = [d.dim_value if d.HasField("dim_value") else -1 for d in a.type.tensor_type.shape.dim]
+                assert dims[0] == -1 and list(t.dims) == dims[1:], (name, t.name, list(t.dims), dims)
+        session = ort.InferenceSession(str(out / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        feed = {}
+        for t in config.input:
+            shape = [2] + [d if d > 0 else 16000 for d in t.dims]  # a variable axis: audio samples
+            dtype = types[model_config_pb2.DataType.Name(t.data_type)][1]
+            feed[t.name] = np.ones(shape, dtype) if dtype == np.int64 else np.zeros(shape, dtype)
+        if "lengths" in feed:
+            feed["lengths"][:] = 1
+        for t, value in zip(config.output, session.run(None, feed), strict=True):
+            assert value.shape[0] == 2 and len(value.shape) == len(t.dims) + 1, (name, t.name, value.shape)
+            assert all(d in (-1, n) for d, n in zip(t.dims, value.shape[1:], strict=True)), (name, t.name)

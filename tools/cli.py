@@ -21,6 +21,7 @@ from tools import (
     build,
     compare,
     download,
+    export_triton,
     extract,
     extract_text,
     finetune,
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_parser(sub)
     finetune.add_parser(sub)
     serve.add_parser(sub)
+    export_triton.add_parser(sub)
 
     demo = sub.add_parser("demo", help="train MCIHN (5 seeds) and the ridge baseline on CMU-MOSI, print both")
     demo.add_argument("--data", default="../shared/data/cmu-mosi/mosi_utterance_features.npz")
@@ -306,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 "extract-text": extract_text.run, "bench-models": bench_models.run,
                 "build": build.run, "download": download.run, "extract": extract.run, "bench": bench.run,
                 "compare": compare.run, "ablate": ablate.run,
-                "finetune-text": finetune.run, "serve": serve.run}
+                "finetune-text": finetune.run, "serve": serve.run, "export-triton": export_triton.run}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
