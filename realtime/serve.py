@@ -111,6 +111,16 @@ class BatchLog:
         with self._lock:
             self.sizes[model][size] += 1
 
+    def write(self, path: Path) -> None:
+        """{model: {size: batches}} as JSON, replaced whole (readers never see half a file)."""
+        import json
+
+        with self._lock:
+            data = {m: {str(k): v for k, v in sorted(c.items())} for m, c in self.sizes.items()}
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+
     def summary(self) -> str:
         with self._lock:
             parts = [f"{m} {dict(sorted(c.items()))}" for m, c in sorted(self.sizes.items())]
@@ -161,9 +171,11 @@ def served_models(stack) -> dict[str, tuple]:
 
 def serve(config: LiveConfig, host: str = "127.0.0.1", port: int = 8000, grpc_port: int | None = None,
           metrics_port: int | None = None, max_batch: int = 8, queue_delay_us: int = 1000,
-          stop: threading.Event | None = None, on_ready=None) -> BatchLog:
+          stop: threading.Event | None = None, on_ready=None, batch_log: Path | None = None) -> BatchLog:
     """Serve the models of `config` (a checkpoint, stand-ins, or the starter) until `stop` is set (SIGINT and SIGTERM
-    set it when this runs on the main thread). `on_ready(urls)` is called once Triton answers. Returns the batch log."""
+    set it when this runs on the main thread). `on_ready(urls)` is called once Triton answers. `batch_log`: a JSON
+    file rewritten every half second with the batch sizes formed so far ({model: {size: batches}}). Returns the
+    batch log."""
     triton_server, batch, DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig = _pytriton()
     stub = prepare_stub_env()
     # The stub's interpreter: pytriton puts this environment's bin/ first on the server's PATH, where the embedded
@@ -185,7 +197,7 @@ def serve(config: LiveConfig, host: str = "127.0.0.1", port: int = 8000, grpc_po
     grpc_port = grpc_port if grpc_port is not None else port + 1
     metrics_port = metrics_port if metrics_port is not None else port + 2
     triton_config = TritonConfig(http_address=host, http_port=port, grpc_address=host, grpc_port=grpc_port,
-                                 metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=2,
+                                 metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=5,
                                  log_verbose=0)
     triton = Triton(config=triton_config)
     try:
@@ -207,11 +219,32 @@ def serve(config: LiveConfig, host: str = "127.0.0.1", port: int = 8000, grpc_po
         if on_ready is not None:
             on_ready(urls)
         while not stop.wait(0.5):
+            if batch_log is not None:
+                batches.write(batch_log)
             if not triton.is_alive():
                 raise ConfigError(f"Triton on {host}:{port} stopped; see the log above")
     finally:
+        workspace = str(getattr(getattr(triton, "_workspace", None), "path", "") or "")
         triton.stop()
+        _kill_leftover_stubs(workspace)
     return batches
+
+
+def _kill_leftover_stubs(workspace: str) -> None:
+    """Triton's Python-backend stubs that outlived the server (it exits before they do when unloading takes
+    longer than its exit timeout), found by the workspace path in their command line: this server's only."""
+    if not workspace:
+        return
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if workspace in cmdline and "triton_python_backend_stub" in cmdline:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def _batched(batch, run, name: str, batches: BatchLog):

@@ -146,6 +146,7 @@ def load_checkpoint_stack(checkpoint_dir: Path, config: LiveConfig, asr_options:
         served = server.check([*extractors, "fusion"])
         for m, extractor in extractors.items():
             extractor.use_backend(RemoteBackend(server, m, extractor.engine_model().output_names, served[m]))
+            _release_weights(extractor)
         fusion = RemoteBackend(server, "fusion", fusion_model.output_names, served["fusion"])
     else:
         for extractor in extractors.values():
@@ -242,3 +243,13 @@ def _without_identity(offered: dict, reference, overridden: dict):
     for m in overridden:
         parts[m] = replace(parts[m], extractor=reference[m].extractor, revision=reference[m].revision)
     return FeatureSpec(**parts)
+
+
+def _release_weights(extractor) -> None:
+    """A station whose models run on a server keeps an extractor's preprocessing, not its weights: its torch
+    modules move to the meta device (no storage), so the memory is given back and any local use fails loudly."""
+    import torch
+
+    for value in vars(extractor).values():
+        if isinstance(value, torch.nn.Module):
+            value.to("meta")

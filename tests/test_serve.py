@@ -98,9 +98,20 @@ class ServerProcess:
         return out
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        """SIGKILL: the whole process group at once (a crash); SIGINT: `mcihn serve` alone (a stop). Then whatever
+        is left of the group (Triton's stub processes) is killed."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-        self.proc.wait(timeout=60)
+            if sig == signal.SIGKILL:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=60)
+        finally:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.fixture(scope="module")

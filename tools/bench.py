@@ -205,6 +205,12 @@ def add_parser(subparsers) -> None:
                    help=f"the ASR threads' niceness on Linux (default {AsrOptions.nice}; 0: normal priority)")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mcihn-live"))
     p.add_argument("--out", default="runs/bench", help="folder for report.json and latency.png")
+    streams = p.add_argument_group("many streams (tools/bench_streams.py, docs/scaling.md)")
+    streams.add_argument("--streams", help="stream counts, e.g. 1,2,4,8: N local processes, then N through --server")
+    streams.add_argument("--server", default="auto", help="with --streams: HOST:PORT of `mcihn serve`, or auto "
+                                                          "(start one on loopback)")
+    streams.add_argument("--max-batch", type=int, default=8, help="with --server auto: the batcher's largest batch")
+    streams.add_argument("--queue-delay-ms", type=float, default=2.0, help="with --server auto: its queue delay")
 
 
 def run_one(args, backend: str, duration: float, progress) -> RunReport:
@@ -428,6 +434,11 @@ def plot(reports: list[RunReport], path: Path) -> Path | None:
 
 def run(args) -> int:
     from tqdm.auto import tqdm
+
+    if args.streams:
+        from tools.bench_streams import run as run_streams
+
+        return run_streams(args)
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     duration = args.duration if args.duration is not None else (600.0 if args.soak else 30.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 EXAMPLES = """examples:
   mcihn serve                                  # the starter's models on 127.0.0.1:8000 (gRPC 8001, metrics 8002)
@@ -34,6 +35,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--queue-delay-ms", type=float, default=1.0,
                    help="how long a request may wait for others to batch with (1 ms)")
     p.add_argument("--cache-dir", default=None, help="models and ONNX files (~/.cache/mcihn-live)")
+    p.add_argument("--batch-log", help="a JSON file kept up to date with the batch sizes formed (mcihn bench reads it)")
     p.add_argument("--prepare", action="store_true", help="make the Triton stub's environment, then exit")
 
 
@@ -57,6 +59,7 @@ def run(args) -> int:
               f"metrics {urls['metrics']} (dynamic batching up to {args.max_batch}); Ctrl+C stops", flush=True)
 
     batches = serve(config, host, port, args.grpc_port, args.metrics_port, args.max_batch,
-                    int(args.queue_delay_ms * 1000), on_ready=ready)
+                    int(args.queue_delay_ms * 1000), on_ready=ready,
+                    batch_log=Path(args.batch_log) if args.batch_log else None)
     print(f"mcihn serve: stopped; {batches.summary()}", file=sys.stderr)
     return 0
