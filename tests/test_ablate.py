@@ -77,3 +77,22 @@ def test_compare_export_needs_one_row(tmp_path, capsys):
     assert main(["compare", "--rows", "mcn-cl,mcihn", "--target", "acc7", "--data", str(store), "--out",
                  str(tmp_path / "t"), "--export", str(tmp_path / "ship")]) == 2
     assert "--export ships the one row" in capsys.readouterr().err
+
+
+def test_compare_data_list_gives_one_column_per_feature_set(tmp_path, capsys):
+    """`--data A,B` (features without and with dialogue context, say): the rows and the logistic regression on
+    each, under OUT/<folder name>/<row>; the same names twice are refused."""
+    from test_train import synthetic_classes
+
+    first = save_feature_store(synthetic_classes(), tmp_path / "plain")
+    second = save_feature_store(synthetic_classes(), tmp_path / "context")
+    out = tmp_path / "table"
+    assert main(["compare", "--rows", "mcn-cl", "--data", f"{first},{second}", "--out", str(out), "--seeds", "1",
+                 "--epochs", "1", "--preset", "small"]) == 0
+    header = capsys.readouterr().out.splitlines()[2]
+    assert header.startswith("| model | plain weighted F1 |") and "| context weighted F1 |" in header
+    assert (out / "plain" / "mcn-cl" / "seed_0" / "config.json").exists()
+    assert (out / "context" / "mcn-cl" / "seed_0" / "config.json").exists()
+    assert [c["label"] for c in json.loads((out / "compare.json").read_text())["columns"]] == ["plain", "context"]
+    assert main(["compare", "--rows", "mcn-cl", "--data", f"{first},{first}", "--out", str(out)]) == 2
+    assert "must differ" in capsys.readouterr().err
