@@ -88,7 +88,8 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     runs = {r["backend"]: r for r in report["runs"]}
     assert set(runs) == {"torch", "onnxruntime"}
     for r in runs.values():
-        assert r["events"] >= 8 and r["stages"]["capture_to_emit"]["count"] == r["events"]
+        # several updates, however loaded the machine (a count near 16 would be a timing assertion)
+        assert r["events"] >= 3 and r["stages"]["capture_to_emit"]["count"] == r["events"]
         assert r["stages"]["fusion"]["count"] == r["events"] and r["peak_rss_mb"] > 0 and r["cpu_percent"] > 0
     assert (out / "latency.png").stat().st_size > 10_000
     assert "p50 capture->emit ratio" in capsys.readouterr().out
@@ -103,3 +104,25 @@ def test_after_trim_slope_skips_warm_up_and_needs_three_trims():
     rising = [(AFTER_TRIM_WARMUP_S + 60.0 * i, 2300.0 + 2 * i) for i in range(20)]
     assert after_trim_slope(warm + rising).per_min == pytest.approx(2.0)
     assert after_trim_slope(flat[:2]) is None
+
+
+def test_event_log_keeps_what_summarize_reads():
+    """The soak's compact event record gives the same report as the events themselves, missing stages included."""
+    from types import SimpleNamespace
+
+    from tools.bench import EventLog
+
+    events = synthetic_events(200)
+    log = EventLog()
+    for e in events:
+        log.append(SimpleNamespace(t_mono=e["t_mono"], skipped_ticks=e["skipped_ticks"],
+                                   dropped_frames=e["dropped_frames"], latency_ms={**e["latency_ms"], "other": 1.0}))
+    assert len(log) == 200 and "asr" not in log.as_dicts()[0]["latency_ms"]
+    assert asdict_without_timeline(summarize(log.as_dicts(), 50.0, 0.25, [])) == \
+        asdict_without_timeline(summarize(events, 50.0, 0.25, []))
+
+
+def asdict_without_timeline(report) -> str:
+    from dataclasses import asdict
+
+    return json.dumps({k: v for k, v in asdict(report).items() if k != "timeline"}, sort_keys=True, default=str)
