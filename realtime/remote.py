@@ -143,13 +143,13 @@ class Server:
             answer = {n: _as_float32(result.as_numpy(n)) for n in outputs}
         except Exception as err:  # noqa: BLE001 - refused, reset, timed out, or the server's own error
             self._drop_client()
-            self._went_down(err)
+            self._went_down(err, model)
             raise ServerError(f"the inference server at {self.url} did not answer ({_reason(err)})") from None
         self.round_trip_ms[model] = (time.perf_counter() - start) * 1e3
         self._came_back()
         return answer
 
-    def _went_down(self, err: BaseException) -> None:
+    def _went_down(self, err: BaseException, model: str) -> None:
         with self._lock:
             self.failures += 1
             first = self._down_since is None
@@ -157,7 +157,10 @@ class Server:
                 self._down_since = time.monotonic()
             self._next_try = time.monotonic() + self.retry_s
         if first:
-            self.report(f"inference server at {self.url} lost ({_reason(err)}); the modalities it computes are "
+            # An HTTP status: the server answered, with an error of its model; none: it did not answer.
+            status = err.status() if callable(getattr(err, "status", None)) else None
+            what = f"failed on model {model!r}" if status else "lost"
+            self.report(f"inference server at {self.url} {what} ({_reason(err)}); the modalities it computes are "
                         f"absent until it answers again (retried every {self.retry_s:g} s)")
 
     def _came_back(self) -> None:

@@ -152,7 +152,8 @@ def served_models(stack) -> dict[str, tuple]:
     if stack.face is not None:
         expert = stack.face.expert
 
-        def face(frame: np.ndarray) -> dict[str, np.ndarray]:
+        def face(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            frame = inputs["frame"]
             n = len(frame)
             box, probs, score = np.zeros((n, 4), np.int32), np.zeros((n, 7), np.float32), np.full((n, 1), -1.0,
                                                                                                    np.float32)
@@ -213,7 +214,7 @@ def serve(config: LiveConfig, host: str = "127.0.0.1", port: int = 8000, grpc_po
         except Exception as err:  # noqa: BLE001 - a port in use, a server that did not start: one line
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"Triton did not start on {host}:{port} (grpc {grpc_port}, metrics {metrics_port}): "
-                              f"{reason[:200]}; is a port in use?") from None
+                              f"{reason[:300]}") from None
         urls = {"http": f"{host}:{port}", "grpc": f"{host}:{grpc_port}",
                 "metrics": f"http://{host}:{metrics_port}/metrics", "models": sorted(models)}
         if on_ready is not None:

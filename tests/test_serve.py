@@ -7,10 +7,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -60,14 +62,17 @@ def cache(tmp_path_factory) -> Path:
 class ServerProcess:
     """`mcihn serve` on loopback in its own process group (killed whole: server, Triton, its stub)."""
 
-    def __init__(self, cache: Path, log: Path):
+    def __init__(self, cache: Path, log: Path, models: tuple[str, ...] = ("--standins", "tiny")):
         self.port = free_port(3)
         self.address = f"127.0.0.1:{self.port}"
         self.log = log
+        # pytriton's workspace, removed with the server even when it is killed; short: it holds unix sockets
+        self.home = tempfile.mkdtemp(prefix="mcihn-pyt-", dir="/tmp")
         self.proc = subprocess.Popen(
-            [str(BIN / "mcihn"), "serve", self.address, "--standins", "tiny", "--backend", "torch", "--cache-dir",
+            [str(BIN / "mcihn"), "serve", self.address, *models, "--backend", "torch", "--cache-dir",
              str(cache), "--max-batch", "8", "--queue-delay-ms", "2"],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTRITON_HOME": self.home})
         deadline = time.monotonic() + START_S
         while not self.ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -112,6 +117,7 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            shutil.rmtree(self.home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +131,8 @@ def server(cache, tmp_path_factory):
 
 def config(cache: Path, **kw) -> LiveConfig:
     kw.setdefault("speed", 0)
-    return LiveConfig(demo=True, standins="tiny", cache_dir=str(cache), backend="torch", **kw)
+    kw.setdefault("standins", "tiny")
+    return LiveConfig(demo=True, cache_dir=str(cache), backend="torch", **kw)
 
 
 def events_of(cfg: LiveConfig, on_event=None) -> tuple[list, list[str]]:
@@ -180,6 +187,27 @@ def test_two_concurrent_streams_through_the_server_equal_local_mode(cache, serve
     assert fused == 2 * len(local)  # one fusion request per event per stream: nothing computed locally
     batches = after[("nv_inference_exec_count", "fusion")] - before.get(("nv_inference_exec_count", "fusion"), 0)
     assert 0 < batches <= fused  # batches of one or more requests, as Triton's dynamic batcher formed them
+
+
+@needs_serve
+def test_the_starter_through_the_server_equals_local_mode(cache, tmp_path):
+    """The starter recognizer (real face, text and Whisper models) with its face expert, text encoder and text
+    head on the server: the same events as local mode."""
+    starter = ServerProcess(cache, tmp_path / "serve.log", models=())
+    try:
+        local, faults = events_of(config(cache, standins=None))
+        remote, remote_faults = events_of(config(cache, standins=None, server=starter.address, server_timeout_s=30))
+    finally:
+        starter.kill(signal.SIGINT)
+    assert not faults and not remote_faults
+    assert any(e.modalities["vision"].scores for e in local) and any(e.modalities["text"].scores for e in local)
+    assert_same_events(local, remote)
+    for a, b in zip(local, remote, strict=True):
+        assert b.presence.vision.face == a.presence.vision.face
+        for m in ("vision", "text"):
+            x, y = a.modalities[m].scores, b.modalities[m].scores
+            assert (x is None) == (y is None) and (x is None or max(abs(x[k] - y[k]) for k in x) <= 1e-4)
+    assert "server_face" in remote[-1].latency_ms
 
 
 @needs_serve
