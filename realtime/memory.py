@@ -37,12 +37,18 @@ def _glibc(name: str):
         return None
 
 
-def resident_mb() -> float:
-    """Resident memory of this process now, MB (Linux /proc; the peak from getrusage elsewhere)."""
+def resident_mb(part: str = "total") -> float:
+    """Resident memory of this process now, MB: "total", or its "anon" part (heaps and anonymous mappings: what
+    malloc holds) or "file" part (mapped files: the libraries' code and data, paged in as code paths first run,
+    and dropped by the kernel under memory pressure). Linux /proc; the peak from getrusage elsewhere."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
+        if part == "total":
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        key = {"anon": "RssAnon:", "file": "RssFile:"}[part]
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024  # kB
+    except (OSError, StopIteration):
         return peak_resident_mb()
 
 
@@ -82,9 +88,10 @@ class MemoryTrimmer:
     tens of MB, and a trim in the middle of a pass can hand back none of them. Without speech no pass runs and
     the trim goes ahead when the wait ends.
 
-    `after_trim` holds (time.monotonic(), resident MB) read right after each trim, the last day's at 60 s: the
-    memory the process cannot give back (live data, and free blocks pinned below live ones). Its trend is the
-    session's real growth; RSS sampled at other moments also holds whatever malloc kept since the last trim.
+    `after_trim` holds (time.monotonic(), resident MB, its anonymous part) read right after each trim, the last
+    day's at 60 s: the memory the process cannot give back (live data, and free blocks pinned below live ones).
+    Its trend is the session's real growth; RSS sampled at other moments also holds whatever malloc kept since
+    the last trim.
     """
 
     def __init__(self, interval_s: float = 60.0, quiet_wait_s: float = 5.0):
@@ -95,7 +102,7 @@ class MemoryTrimmer:
         self.trims = 0
         self.quiet_trims = 0  # trims that ran right after a mark_quiet(), not at the end of the wait
         self.last_ms: float | None = None
-        self.after_trim: collections.deque[tuple[float, float]] = collections.deque(maxlen=1440)
+        self.after_trim: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=1440)
         self._quiet = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mcihn-memory", daemon=True)
@@ -124,6 +131,6 @@ class MemoryTrimmer:
             if not release_free_memory():
                 return  # no glibc: nothing to do, ever
             self.last_ms = (time.perf_counter() - start) * 1e3
-            self.after_trim.append((time.monotonic(), resident_mb()))
+            self.after_trim.append((time.monotonic(), resident_mb(), resident_mb("anon")))
             self.trims += 1
             self.quiet_trims += quiet

@@ -126,3 +126,20 @@ def asdict_without_timeline(report) -> str:
     from dataclasses import asdict
 
     return json.dumps({k: v for k, v in asdict(report).items() if k != "timeline"}, sort_keys=True, default=str)
+
+
+def test_anonymous_memory_slopes_apart_from_mapped_files():
+    """Total RSS rising 1 MB/min from library pages paged in, malloc's part flat: the anon slopes say so."""
+    events = synthetic_events(10 * 240 + 1)  # 10 minutes at 4/s
+    total = [(t, 2300.0 + t / 60) for t in range(600)]
+    anon = [(t, 1800.0 + (30.0 if t % 60 == 59 else 0.0)) for t in range(600)]  # flat, with a swing before trims
+    after_trim = [(60.0 * m, 2300.0 + m, 1800.0) for m in range(1, 10)]
+    report = summarize(events, 600.0, 0.25, [], rss_samples=total, after_trim=after_trim, anon_samples=anon)
+    assert report.rss_floor_slope.per_min == pytest.approx(1.0) and report.rss_after_trim_slope.per_min == \
+        pytest.approx(1.0)
+    assert report.anon_floor_slope.per_min == pytest.approx(0.0) and report.anon_after_trim_slope.per_min == \
+        pytest.approx(0.0)
+    assert report.anon_floor_slope_5min is None  # under 20 minutes
+    assert report.timeline["after_trim_anon_mb"][0] == 1800.0
+    table = format_report([report])
+    assert "anon RSS floor slope MB/min" in table and "anon after each trim MB/min" in table

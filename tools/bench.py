@@ -102,6 +102,12 @@ class RunReport:
     # The RSS right after each of the session's trims (realtime/memory.py MemoryTrimmer.after_trim), from the
     # third minute: what the process cannot hand back, without the free memory malloc keeps between trims.
     rss_after_trim_slope: Slope | None = None
+    # The same three slopes (1- and 5-minute floors, after each trim) of the anonymous part of the RSS: what
+    # malloc holds. The rest is mapped files (the libraries' code pages: MKL's and onnxruntime's kernels are paged
+    # in as new shapes first run them), which the kernel drops under memory pressure and no leak can grow.
+    anon_floor_slope: Slope | None = None
+    anon_floor_slope_5min: Slope | None = None
+    anon_after_trim_slope: Slope | None = None
     timeline: dict[str, list[float]] = field(default_factory=dict)  # t_s, capture_to_emit, rss_mb
     # Speech recognition on the clip's known script (first pass through the clip): word error rate, and per
     # utterance the time from its speech starting to its first committed word.
@@ -143,7 +149,8 @@ def summarize(events: list[dict], duration_s: float, hop_s: float, commit_lags_s
               backend: str = "", cpu_s: float = 0.0, peak_rss_mb: float = 0.0, gpu_peak_mb: float | None = None,
               rss_samples: list[tuple[float, float]] | None = None,
               heap_samples: list[tuple[float, float]] | None = None,
-              after_trim: list[tuple[float, float]] | None = None) -> RunReport:
+              after_trim: list[tuple[float, float, float]] | None = None,
+              anon_samples: list[tuple[float, float]] | None = None) -> RunReport:
     """Statistics of one run from its events (dicts as in docs/events.md), wall duration and side samples."""
     values = {s: [e["latency_ms"][s] for e in events if s in e["latency_ms"]] for s in STAGES}
     stages = {s: LatencyStats.of(v) for s, v in values.items()}
@@ -151,6 +158,7 @@ def summarize(events: list[dict], duration_s: float, hop_s: float, commit_lags_s
     t = [e["t_mono"] - t0 for e in events]
     c2e = [e["latency_ms"]["capture_to_emit"] for e in events]
     rss_samples, heap_samples = rss_samples or [], heap_samples or []
+    after_trim, anon_samples = after_trim or [], anon_samples or []
     span = (events[-1]["t_mono"] - t0) if len(events) > 1 else 0.0
     return RunReport(
         backend=backend, duration_s=duration_s, requested_hz=1.0 / hop_s,
@@ -165,10 +173,14 @@ def summarize(events: list[dict], duration_s: float, hop_s: float, commit_lags_s
         rss_floor_slope=floor_slope(rss_samples),
         rss_floor_slope_5min=floor_slope(rss_samples, 300.0) if duration_s >= 1200 else None,
         heap_slope=Slope.of(*np.asarray(heap_samples).T) if heap_samples else None,
-        rss_after_trim_slope=after_trim_slope(after_trim or []),
+        rss_after_trim_slope=after_trim_slope([(a[0], a[1]) for a in after_trim]),
+        anon_floor_slope=floor_slope(anon_samples),
+        anon_floor_slope_5min=floor_slope(anon_samples, 300.0) if duration_s >= 1200 else None,
+        anon_after_trim_slope=after_trim_slope([(a[0], a[2]) for a in after_trim]),
         timeline={"t_s": t, "capture_to_emit_ms": c2e, "rss_t_s": [s[0] for s in rss_samples],
                   "rss_mb": [s[1] for s in rss_samples], "heap_mb": [s[1] for s in heap_samples],
-                  "after_trim_t_s": [s[0] for s in after_trim or []], "after_trim_mb": [s[1] for s in after_trim or []],
+                  "anon_mb": [s[1] for s in anon_samples], "after_trim_t_s": [a[0] for a in after_trim],
+                  "after_trim_mb": [a[1] for a in after_trim], "after_trim_anon_mb": [a[2] for a in after_trim],
                   **{f"stage:{s}": v for s, v in values.items()}},
     )
 
@@ -258,6 +270,7 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
     rec.on_event(events.append)
     rec.start()  # loading and engine building happen here, outside the measured time
     rss_samples: list[tuple[float, float]] = []
+    anon_samples: list[tuple[float, float]] = []
     heap_samples: list[tuple[float, float]] = []
     if args.trace_heap:
         tracemalloc.start(1)
@@ -265,6 +278,7 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
         cpu0, t0 = time.process_time(), time.monotonic()
         while (elapsed := time.monotonic() - t0) < duration:
             rss_samples.append((elapsed, resident_mb()))
+            anon_samples.append((elapsed, resident_mb("anon")))
             if args.trace_heap:
                 heap_samples.append((elapsed, tracemalloc.get_traced_memory()[0] / 2**20))
             progress(backend, elapsed, duration, rec.latest_event)
@@ -287,9 +301,9 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
         import torch
 
         gpu = torch.cuda.max_memory_allocated() / 2**20
-    after_trim = [(t - t0, mb) for t, mb in rec.memory.after_trim] if rec.memory is not None else []
+    after_trim = [(t - t0, *mb) for t, *mb in rec.memory.after_trim] if rec.memory is not None else []
     report = summarize(events.as_dicts(), wall, args.hop, lags, backend, cpu_s, peak_resident_mb(), gpu, rss_samples,
-                       heap_samples, after_trim)
+                       heap_samples, after_trim, anon_samples)
     if trim[1]:
         report.rss_end_mb, report.rss_after_trim_mb = round(trim[0], 1), round(trim[2], 1)
     if accuracy is not None:
@@ -412,9 +426,13 @@ def format_report(reports: list[RunReport]) -> str:
         if any(r.rss_floor_slope_5min for r in reports):
             row("  over 5-min floors MB/min", [f"{r.rss_floor_slope_5min.per_min:+.2f}" if r.rss_floor_slope_5min
                                                else "-" for r in reports])
-        if any(r.rss_after_trim_slope for r in reports):
-            row("RSS after each trim slope MB/min", [f"{r.rss_after_trim_slope.per_min:+.2f}"
-                                                     if r.rss_after_trim_slope else "-" for r in reports])
+        slopes = {"RSS after each trim slope MB/min": "rss_after_trim_slope",
+                  "anon RSS floor slope MB/min": "anon_floor_slope",
+                  "anon over 5-min floors MB/min": "anon_floor_slope_5min",
+                  "anon after each trim MB/min": "anon_after_trim_slope"}
+        for label, name in slopes.items():
+            if any(getattr(r, name) for r in reports):
+                row(label, [f"{getattr(r, name).per_min:+.2f}" if getattr(r, name) else "-" for r in reports])
     if any(r.heap_slope for r in reports):
         row("Python heap slope MB/min", [f"{r.heap_slope.per_min:+.2f}" if r.heap_slope else "-" for r in reports])
     row("p50 capture->emit ratio", [f"{r.stages['capture_to_emit'].p50 / base:.2f}x" for r in reports])
