@@ -351,3 +351,25 @@ def test_exported_repository_matches_tritons_schema_and_the_onnx_models(cache, t
         for t, value in zip(config.output, session.run(None, feed), strict=True):
             assert value.shape[0] == 2 and len(value.shape) == len(t.dims) + 1, (name, t.name, value.shape)
             assert all(d in (-1, n) for d, n in zip(t.dims, value.shape[1:], strict=True)), (name, t.name)
+
+
+def test_stream_bench_table_and_counts():
+    """`mcihn bench --streams`: the counts it takes, and its table (a local N that did not fit says so)."""
+    from tools import UsageError
+    from tools.bench_streams import format_table, mean_batch, parse_counts
+
+    assert parse_counts("1,2,4,8") == [1, 2, 4, 8]
+    with pytest.raises(UsageError, match="--streams"):
+        parse_counts("0,2")
+    assert mean_batch({1: 2, 3: 2}) == 2.0 and mean_batch({}) is None
+    stream = {"events": 30, "hz": 1.0, "p50": 100.0, "p95": 200.0, "p99": 250.0, "skipped": 2}
+    table = format_table([
+        {"mode": "local", "streams": 2, "per_stream": [stream, {**stream, "p95": 300.0}], "aggregate_hz": 2.0,
+         "batches": {}},
+        {"mode": "server", "streams": 2, "per_stream": [stream, stream], "aggregate_hz": 2.0,
+         "batches": {"fusion": {1: 10, 2: 10}, "audio": {2: 5}}},
+        {"mode": "local", "streams": 8, "skipped": "not run: 2000 MB of memory left"}])
+    lines = table.splitlines()
+    assert lines[2].startswith("| 2 | local | 100 / 300 | 1.00 | 2.00 | 4 |")
+    assert "1x10 2x10; audio 2.00, fusion 1.50" in lines[3]
+    assert "not run: 2000 MB" in lines[4]
