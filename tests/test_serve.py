@@ -373,3 +373,14 @@ def test_stream_bench_table_and_counts():
     assert lines[2].startswith("| 2 | local | 100 / 300 | 1.00 | 2.00 | 4 |")
     assert "1x10 2x10; audio 2.00, fusion 1.50" in lines[3]
     assert "not run: 2000 MB" in lines[4]
+
+
+def test_missing_serve_extra_is_one_line_naming_it(monkeypatch):
+    from realtime import remote, serve
+
+    for module in ("pytriton", "pytriton.server.triton_server", "tritonclient", "tritonclient.http"):
+        monkeypatch.setitem(sys.modules, module, None)  # imports of them now fail
+    with pytest.raises(ConfigError, match=r"pip install 'mcihn-live\[serve\]'"):
+        serve._pytriton()
+    with pytest.raises(ConfigError, match=r"pip install 'mcihn-live\[serve\]'"):
+        remote.tritonclient_http()
