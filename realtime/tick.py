@@ -200,7 +200,7 @@ class Tick:
             try:
                 words = fusion.calibrated("text", self._fuse({"text": text}))
             except ServerError:  # the inference server is down (reported once): no text scores this tick
-                words = None
+                pass
         modalities = {"vision": ModalityScores(face, stack.models.get("vision")),
                       "text": ModalityScores(words, stack.models.get("text")),
                       "audio": ModalityScores(None, None)}  # no voice-emotion model: presence only
