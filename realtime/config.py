@@ -82,8 +82,9 @@ class LiveConfig:
     limit_process_threads: bool = False  # set torch's and OpenCV's process-wide thread counts (see above)
     trim_memory_s: float = 60.0  # hand malloc's free memory back every this many seconds (realtime/memory.py); 0: never
     # At most this many glibc malloc arenas in the process, set at start() before any model thread exists
-    # (realtime/memory.py limit_malloc_arenas; process-wide). 0: glibc's default, 8 per core.
-    malloc_arenas: int = 2
+    # (realtime/memory.py limit_malloc_arenas; process-wide). 1: every thread allocates from the main arena, the
+    # only one whose free top the periodic trim can return. 0: glibc's default, 8 per core.
+    malloc_arenas: int = 1
     # An inference server (`mcihn serve`, realtime/remote.py) that runs the extractors and the fusion: "HOST:PORT";
     # capture, windows, VAD and ASR stay here. A request unanswered after server_timeout_s is a fault (modality absent).
     server: str | None = None

@@ -71,13 +71,41 @@ def limit_malloc_arenas(arenas: int) -> bool:
     """At most `arenas` malloc arenas in this process from now on (glibc's mallopt(M_ARENA_MAX)): threads that
     allocate for the first time afterwards share the existing ones. False where there is no glibc.
 
-    glibc gives threads up to 8 arenas per core, each a heap of its own whose free memory stays with it; the
-    session's dozen threads (onnxruntime's pools, CTranslate2's, the workers) each then hold their own retained
-    memory. Process-wide: a host program that must keep glibc's default sets `LiveConfig.malloc_arenas=0`."""
+    glibc gives threads up to 8 arenas per core, each a heap of its own whose free memory stays with it. And
+    malloc_trim(0) cannot return the free top of any arena but the main one: a thread arena's heap stays resident
+    up to the highest it ever reached, and rises in steps each time a larger transient (a longer ASR buffer) than
+    any before comes (measured: docs/benchmarks.md, "Soak: one arena"; tests/test_headroom.py shows the
+    mechanism). With one arena (the session's default) every thread allocates from the main one and the periodic
+    trim reaches all the free memory. It counts from the first thread that allocates after the call: glibc fixes
+    its limit then. Process-wide: a host program that must keep glibc's default sets
+    `LiveConfig.malloc_arenas=0` (or sets MALLOC_ARENA_MAX=1 in its environment to have it from the start)."""
     mallopt = _glibc("mallopt")
     if mallopt is None or arenas < 1:
         return False
     return bool(mallopt(M_ARENA_MAX, arenas))
+
+
+def malloc_arenas_mb() -> list[float]:
+    """The MB each of glibc's malloc arenas holds from the system now (malloc_info's per-heap "system current";
+    the main arena first); [] where there is no glibc. More than one entry: threads allocate outside the main
+    arena, whose free tops the trim cannot return (see limit_malloc_arenas)."""
+    import tempfile
+    import xml.etree.ElementTree as ElementTree
+
+    info, fopen, fclose = _glibc("malloc_info"), _glibc("fopen"), _glibc("fclose")
+    if info is None or fopen is None or fclose is None:
+        return []
+    fopen.restype = ctypes.c_void_p
+    info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    fclose.argtypes = [ctypes.c_void_p]
+    with tempfile.NamedTemporaryFile(suffix=".xml") as f:
+        stream = fopen(f.name.encode(), b"w")
+        if not stream:
+            return []
+        info(0, stream)
+        fclose(stream)
+        root = ElementTree.parse(f.name).getroot()
+    return [int(heap.find("system[@type='current']").get("size")) / 2**20 for heap in root.findall("heap")]
 
 
 class MemoryTrimmer:

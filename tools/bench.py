@@ -117,6 +117,9 @@ class RunReport:
     # the difference is, is allocator retention (fragmentation, per-thread arenas), not live objects.
     rss_end_mb: float | None = None
     rss_after_trim_mb: float | None = None
+    # What each glibc malloc arena holds from the system after that trim (realtime/memory.py malloc_arenas_mb):
+    # one entry when every thread shares the main arena, whose free memory the trim reaches entirely.
+    malloc_arenas_mb: list[float] = field(default_factory=list)
     first_word_s: list[float] = field(default_factory=list)
 
 
@@ -286,9 +289,10 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
             if rec.ticker.error is not None:
                 raise rec.ticker.error
         cpu_s, wall = time.process_time() - cpu0, time.monotonic() - t0
-        from realtime.memory import release_free_memory
+        from realtime.memory import malloc_arenas_mb, release_free_memory
 
         trim = resident_mb(), release_free_memory(), resident_mb()  # how much of the RSS is free memory malloc kept
+        arenas = malloc_arenas_mb()
     finally:
         rec.stop()
         rec.join(60)  # let a running ASR pass end: the next backend's run must not share the CPU with it
@@ -306,6 +310,7 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
                        heap_samples, after_trim, anon_samples)
     if trim[1]:
         report.rss_end_mb, report.rss_after_trim_mb = round(trim[0], 1), round(trim[2], 1)
+        report.malloc_arenas_mb = [round(mb, 1) for mb in arenas]
     if accuracy is not None:
         report.asr_wer, report.first_word_s, report.asr_heard = accuracy
     return report
@@ -416,6 +421,9 @@ def format_report(reports: list[RunReport]) -> str:
     if any(r.rss_after_trim_mb is not None for r in reports):
         row("RSS at end / after malloc_trim MB", ["-" if r.rss_after_trim_mb is None else
                                                   f"{r.rss_end_mb:.0f} / {r.rss_after_trim_mb:.0f}" for r in reports])
+    if any(r.malloc_arenas_mb for r in reports):
+        row("malloc arenas after it, MB each", ["/".join(f"{mb:.0f}" for mb in r.malloc_arenas_mb) or "-"
+                                                for r in reports])
     if any(r.gpu_peak_mb is not None for r in reports):
         row("GPU peak MB", ["-" if r.gpu_peak_mb is None else f"{r.gpu_peak_mb:.0f}" for r in reports])
     if any(r.duration_s >= 120 for r in reports):
