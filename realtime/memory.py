@@ -76,9 +76,10 @@ def limit_malloc_arenas(arenas: int) -> bool:
     up to the highest it ever reached, and rises in steps each time a larger transient (a longer ASR buffer) than
     any before comes (measured: docs/benchmarks.md, "Soak: one arena"; tests/test_headroom.py shows the
     mechanism). With one arena (the session's default) every thread allocates from the main one and the periodic
-    trim reaches all the free memory. It counts from the first thread that allocates after the call: glibc fixes
-    its limit then. Process-wide: a host program that must keep glibc's default sets
-    `LiveConfig.malloc_arenas=0` (or sets MALLOC_ARENA_MAX=1 in its environment to have it from the start)."""
+    trim reaches all the free memory. Call it before the process starts any thread: glibc hands the arena of an
+    exited thread to the next new one whatever the limit (`mcihn bench` calls it first thing; a host program that
+    started threads before `Recognizer.start()` sets MALLOC_ARENA_MAX=1 in its environment instead). Process-wide:
+    a host program that must keep glibc's default sets `LiveConfig.malloc_arenas=0`."""
     mallopt = _glibc("mallopt")
     if mallopt is None or arenas < 1:
         return False

@@ -132,14 +132,14 @@ class Recognizer:
     def start(self) -> Recognizer:
         lifecycle.register(self)  # stopped at interpreter exit if the host never calls stop()
         cfg = self.config
+        if cfg.malloc_arenas > 0:  # before this session's threads (PyAV's, the models') first allocate
+            from realtime.memory import limit_malloc_arenas
+
+            limit_malloc_arenas(cfg.malloc_arenas)
         if cfg.source not in ("devices", "push"):
             from realtime.file_source import check_media
 
             check_media(cfg.source)  # an unreadable file is said before seconds of model loading
-        if cfg.malloc_arenas > 0:  # before the models' threads first allocate
-            from realtime.memory import limit_malloc_arenas
-
-            limit_malloc_arenas(cfg.malloc_arenas)
         self.stack = self._stack or load_stack(cfg)
         if self.stack.server is not None:  # a lost or slow inference server is a fault of this session
             self.stack.server.report = self._faults.report

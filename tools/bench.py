@@ -485,6 +485,11 @@ def plot(reports: list[RunReport], path: Path) -> Path | None:
 def run(args) -> int:
     from tqdm.auto import tqdm
 
+    from realtime.memory import limit_malloc_arenas
+
+    # Before anything starts a thread (building the clip, the stand-ins, tqdm's monitor): glibc reuses the arena of
+    # an exited thread whatever the limit, so a limit set later, at Recognizer.start(), leaves those in play.
+    limit_malloc_arenas(args.malloc_arenas)
     if args.streams:
         from tools.bench_streams import run as run_streams
 
