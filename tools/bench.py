@@ -520,7 +520,8 @@ def run(args) -> int:
     text = format_report(reports)
     print(text)
     meta = {"size": args.size, "precision": args.precision, "incremental_audio": args.incremental_audio,
-            "asr_nice": args.asr_nice, "checkpoint": args.checkpoint, "clip": args.clip or "realtime/assets/demo.mp4",
+            "asr_nice": args.asr_nice, "malloc_arenas": args.malloc_arenas, "trim_memory_s": args.trim_memory_s,
+            "checkpoint": args.checkpoint, "clip": args.clip or "realtime/assets/demo.mp4",
             "hop_s": args.hop, "duration_s": duration, "machine": platform.machine(), "cpus": os.cpu_count(),
             "python": platform.python_version()}
     report_path = out / "report.json"
