@@ -95,6 +95,24 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     assert "p50 capture->emit ratio" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc arenas")
+def test_bench_process_ends_with_one_malloc_arena(tmp_path):
+    """A fresh `mcihn bench` process: every thread it ran (stand-in building, the workers, onnxruntime's and
+    CTranslate2's pools) allocated from the main arena, the only one whose free top the trim returns. Fails if the
+    arena limit is set after some thread has run (glibc hands exited threads' arenas on whatever the limit)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    code = "import sys; from tools.cli import main; sys.exit(main(sys.argv[1:]))"
+    subprocess.run([sys.executable, "-c", code, "bench", "--size", "tiny", "--duration", "3", "--backends",
+                    "onnxruntime", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+                   check=True, capture_output=True)
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["malloc_arenas"] == 1
+    assert len(report["runs"][0]["malloc_arenas_mb"]) == 1, report["runs"][0]["malloc_arenas_mb"]
+
+
 def test_after_trim_slope_skips_warm_up_and_needs_three_trims():
     from tools.bench import AFTER_TRIM_WARMUP_S, after_trim_slope
 
