@@ -120,7 +120,8 @@ class MemoryTrimmer:
     `after_trim` holds (time.monotonic(), resident MB, its anonymous part) read right after each trim, the last
     day's at 60 s: the memory the process cannot give back (live data, and free blocks pinned below live ones).
     Its trend is the session's real growth; RSS sampled at other moments also holds whatever malloc kept since
-    the last trim.
+    the last trim. `arenas_after_trim` holds `malloc_arenas_mb()` at the same moments: with more than one arena,
+    a thread arena whose size only ever rises is memory the trim cannot reach.
     """
 
     def __init__(self, interval_s: float = 60.0, quiet_wait_s: float = 5.0):
@@ -132,6 +133,7 @@ class MemoryTrimmer:
         self.quiet_trims = 0  # trims that ran right after a mark_quiet(), not at the end of the wait
         self.last_ms: float | None = None
         self.after_trim: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=1440)
+        self.arenas_after_trim: collections.deque[list[float]] = collections.deque(maxlen=1440)
         self._quiet = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mcihn-memory", daemon=True)
@@ -161,5 +163,6 @@ class MemoryTrimmer:
                 return  # no glibc: nothing to do, ever
             self.last_ms = (time.perf_counter() - start) * 1e3
             self.after_trim.append((time.monotonic(), resident_mb(), resident_mb("anon")))
+            self.arenas_after_trim.append(malloc_arenas_mb())
             self.trims += 1
             self.quiet_trims += quiet

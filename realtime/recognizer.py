@@ -132,10 +132,9 @@ class Recognizer:
     def start(self) -> Recognizer:
         lifecycle.register(self)  # stopped at interpreter exit if the host never calls stop()
         cfg = self.config
-        if cfg.malloc_arenas > 0:  # before this session's threads (PyAV's, the models') first allocate
-            from realtime.memory import limit_malloc_arenas
+        from realtime.memory import limit_malloc_arenas
 
-            limit_malloc_arenas(cfg.malloc_arenas)
+        limit_malloc_arenas(cfg.malloc_arenas)  # before this session's threads (PyAV's, the models') first allocate
         if cfg.source not in ("devices", "push"):
             from realtime.file_source import check_media
 

@@ -113,6 +113,14 @@ def test_bench_process_ends_with_one_malloc_arena(tmp_path):
     assert len(report["runs"][0]["malloc_arenas_mb"]) == 1, report["runs"][0]["malloc_arenas_mb"]
 
 
+def test_arena_growth_reads_past_the_warm_up():
+    from tools.bench import arena_growth
+
+    assert arena_growth([[500.0, 30.0], [505.0, 38.0], [508.0, 40.2], [509.0, 48.0], [510.4, 55.1]]) == \
+        "508/40 -> 510/55"
+    assert arena_growth([[500.0], [505.0]]) == "-"
+
+
 def test_after_trim_slope_skips_warm_up_and_needs_three_trims():
     from tools.bench import AFTER_TRIM_WARMUP_S, after_trim_slope
 

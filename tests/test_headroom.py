@@ -179,6 +179,8 @@ def test_memory_trimmer_hands_free_memory_back_until_stopped():
     assert len(trimmer.after_trim) == trimmer.trims
     times = [t for t, _, _ in trimmer.after_trim]
     assert times == sorted(times) and all(total > anon > 1.0 for _, total, anon in trimmer.after_trim)
+    # and every arena's size at those moments (glibc: the main arena first)
+    assert len(trimmer.arenas_after_trim) == trimmer.trims and all(a and a[0] > 0 for a in trimmer.arenas_after_trim)
     assert not trimmer._thread.is_alive()
     with pytest.raises(ValueError):
         MemoryTrimmer(0)

@@ -207,6 +207,13 @@ def after_trim_slope(samples: list[tuple[float, float]]) -> Slope | None:
     return Slope.of(*np.asarray(kept).T) if len(kept) >= 3 else None
 
 
+def arena_growth(arenas_after_trim: list[list[float]]) -> str:
+    """"508/40 -> 510/55": each malloc arena's MB after the third trim (past the warm-up) and after the last."""
+    if len(arenas_after_trim) < 3:
+        return "-"
+    return " -> ".join("/".join(f"{mb:.0f}" for mb in a) for a in (arenas_after_trim[2], arenas_after_trim[-1]))
+
+
 def add_parser(subparsers) -> None:
     from realtime.asr import AsrOptions
     from realtime.config import LiveConfig
@@ -308,6 +315,8 @@ def run_one(args, backend: str, duration: float, progress) -> RunReport:
     after_trim = [(t - t0, *mb) for t, *mb in rec.memory.after_trim] if rec.memory is not None else []
     report = summarize(events.as_dicts(), wall, args.hop, lags, backend, cpu_s, peak_resident_mb(), gpu, rss_samples,
                        heap_samples, after_trim, anon_samples)
+    if rec.memory is not None:
+        report.timeline["after_trim_arenas_mb"] = [[round(mb, 1) for mb in a] for a in rec.memory.arenas_after_trim]
     if trim[1]:
         report.rss_end_mb, report.rss_after_trim_mb = round(trim[0], 1), round(trim[2], 1)
         report.malloc_arenas_mb = [round(mb, 1) for mb in arenas]
@@ -441,6 +450,11 @@ def format_report(reports: list[RunReport]) -> str:
         for label, name in slopes.items():
             if any(getattr(r, name) for r in reports):
                 row(label, [f"{getattr(r, name).per_min:+.2f}" if getattr(r, name) else "-" for r in reports])
+        if any(len(r.timeline.get("after_trim_arenas_mb", [])) >= 3 for r in reports):
+            # each arena's size after the third trim and after the last: a thread arena that only grew is
+            # memory the trim cannot reach (realtime/memory.py limit_malloc_arenas)
+            row("malloc arenas MB, 3rd -> last trim", [arena_growth(r.timeline.get("after_trim_arenas_mb", []))
+                                                       for r in reports])
     if any(r.heap_slope for r in reports):
         row("Python heap slope MB/min", [f"{r.heap_slope.per_min:+.2f}" if r.heap_slope else "-" for r in reports])
     row("p50 capture->emit ratio", [f"{r.stages['capture_to_emit'].p50 / base:.2f}x" for r in reports])
